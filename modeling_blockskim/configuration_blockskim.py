@@ -1,0 +1,157 @@
+"""`BlockSkimConfig`: the backbone's own configuration plus the Block-Skim settings.
+
+Travels with every checkpoint as remote code, so it imports only the standard library, torch and transformers.
+Implements the hyper-parameters of Guan et al., "Block-Skim: Efficient Question Answering for Transformer"
+(AAAI 2022), section 3: block size, predictor layers, skim threshold, balance factor and harmony coefficient.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+SUPPORTED_BACKBONES: tuple[str, ...] = ("bert", "roberta", "electra")
+"""Backbone `model_type`s whose embeddings add absolute positions once, so dropping tokens later is safe."""
+
+DEFAULT_SEP_TOKEN_IDS: dict[str, int] = {"bert": 102, "electra": 102, "roberta": 2}
+"""Separator id of the standard vocabulary of each backbone; `from_backbone` reads the real one from the tokenizer."""
+
+SKIM_LOSS_REDUCTIONS: tuple[str, ...] = ("sum", "mean")
+
+
+class BlockSkimConfig(PretrainedConfig):
+    r"""Configuration of a [`BlockSkimForQuestionAnswering`] model.
+
+    The backbone (BERT, RoBERTa or ELECTRA) keeps its own configuration in `backbone_config`; the fields below only
+    describe what Block-Skim adds. Every invalid value raises a `ValueError` at construction that names the field and
+    the allowed range.
+
+    Args:
+        backbone_config (`dict` or `PretrainedConfig`, *optional*):
+            Configuration of the backbone encoder. A `dict` must carry `model_type`. Defaults to `BertConfig()`.
+        block_size (`int`, *optional*, defaults to 32):
+            Tokens per block. The skim predictor pools the bs x bs attention image twice by 2, so the block size must
+            be a positive multiple of 4 (the paper finds 8 to 64 equally good, 128 worse).
+        skim_layers (`list[int]`, *optional*):
+            0-based indices of the layers followed by a skim predictor. Defaults to every layer but the last (a
+            decision after the last layer would save nothing, so the last layer is not allowed). An empty list gives
+            the plain backbone QA model.
+        skim_threshold (`float`, *optional*, defaults to 0.01):
+            tau: at inference a passage block is kept when the predictor's P(keep) >= tau. In [0, 1]; 0 keeps
+            everything, 1 skims every block that is not protected ([CLS], question, separators).
+        balance_factor (`float`, *optional*, defaults to 20.0):
+            beta: class weight of the positive ("holds the answer") blocks in the skim loss; the paper uses 20 for
+            SQuAD and HotpotQA, 30 for NewsQA and NaturalQuestions, 100 for TriviaQA and 150 for SearchQA. >= 0.
+        harmony_coefficient (`float`, *optional*, defaults to 0.1):
+            alpha: weight of the skim loss next to the QA loss (0.1 for BERT-style backbones, 0.01 for ALBERT). >= 0.
+        skim_loss_reduction (`"sum"` or `"mean"`, *optional*, defaults to `"sum"`):
+            How the per-layer skim losses combine: `"sum"` as in the paper (alpha then scales with the number of
+            predictor layers) or `"mean"` (alpha is independent of the depth).
+        skim_at_inference (`bool`, *optional*, defaults to `True`):
+            Whether an evaluation-mode forward skims. Each call can override it with `skim=...`; training never skims.
+        sep_token_id (`int`, *optional*):
+            Id of the separator token. Everything up to the first run of separators (the [CLS] token and the
+            question) and every separator are protected from skimming. Defaults to the separator of the backbone's
+            standard vocabulary (102 for BERT/ELECTRA, 2 for RoBERTa).
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig
+    >>> from modeling_blockskim import BlockSkimConfig
+
+    >>> config = BlockSkimConfig(backbone_config=BertConfig(num_hidden_layers=6), block_size=32)
+    >>> config.skim_layers
+    [0, 1, 2, 3, 4]
+    ```
+    """
+
+    model_type = "blockskim"
+    sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="bert")}
+    keys_to_ignore_at_inference = ["qa_loss", "skim_loss", "block_logits", "block_labels", "block_keep_mask"]
+
+    backbone_config: dict | PretrainedConfig | None = None
+    block_size: int = 32
+    skim_layers: list[int] | None = None
+    skim_threshold: float = 0.01
+    balance_factor: float = 20.0
+    harmony_coefficient: float = 0.1
+    skim_loss_reduction: Literal["sum", "mean"] = "sum"
+    skim_at_inference: bool = True
+    sep_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        backbone_type = self.backbone_config.model_type
+        if backbone_type not in SUPPORTED_BACKBONES:
+            raise ValueError(
+                f"backbone_config.model_type={backbone_type!r} is not supported; Block-Skim supports "
+                f"{list(SUPPORTED_BACKBONES)} (backbones with absolute position embeddings)."
+            )
+        num_layers = self.backbone_config.num_hidden_layers
+        if self.skim_layers is None:
+            self.skim_layers = list(range(num_layers - 1))
+        if self.sep_token_id is None:
+            self.sep_token_id = DEFAULT_SEP_TOKEN_IDS[backbone_type]
+        self._validate_skim_settings(num_layers)
+
+    def _validate_skim_settings(self, num_layers: int) -> None:
+        """Fail early, naming the field and its allowed range, instead of deep inside a forward pass."""
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
+            raise ValueError(f"block_size must be an int, got {self.block_size!r}.")
+        max_length = self.backbone_config.max_position_embeddings
+        if self.block_size < 4 or self.block_size % 4 != 0 or self.block_size > max_length:
+            raise ValueError(
+                f"block_size={self.block_size} is not usable: the skim predictor pools the block x block attention "
+                f"image twice by 2, so block_size must be a multiple of 4 in [4, {max_length}] "
+                "(max_position_embeddings)."
+            )
+        if not isinstance(self.skim_layers, (list, tuple)) or not all(
+            isinstance(layer, int) and not isinstance(layer, bool) for layer in self.skim_layers
+        ):
+            raise ValueError(f"skim_layers must be a list of ints, got {self.skim_layers!r}.")
+        out_of_range = [layer for layer in self.skim_layers if not 0 <= layer <= num_layers - 2]
+        if out_of_range:
+            raise ValueError(
+                f"skim_layers={list(self.skim_layers)} has indices {out_of_range} out of range: a backbone with "
+                f"{num_layers} layers accepts predictor layers 0..{num_layers - 2} (a skim decision after the last "
+                "layer would save nothing)."
+            )
+        if len(set(self.skim_layers)) != len(self.skim_layers):
+            raise ValueError(f"skim_layers={list(self.skim_layers)} lists a layer more than once.")
+        self.skim_layers = sorted(self.skim_layers)
+        for name, value, low, high in (
+            ("skim_threshold", self.skim_threshold, 0.0, 1.0),
+            ("balance_factor", self.balance_factor, 0.0, float("inf")),
+            ("harmony_coefficient", self.harmony_coefficient, 0.0, float("inf")),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                allowed = f"[{low}, {high}]" if high != float("inf") else f">= {low}"
+                raise ValueError(f"{name}={value!r} is out of range: allowed {allowed}.")
+        if self.skim_loss_reduction not in SKIM_LOSS_REDUCTIONS:
+            raise ValueError(
+                f"skim_loss_reduction={self.skim_loss_reduction!r} is not one of {list(SKIM_LOSS_REDUCTIONS)}."
+            )
+        if not isinstance(self.skim_at_inference, bool):
+            raise ValueError(f"skim_at_inference must be a bool, got {self.skim_at_inference!r}.")
+        vocab_size = self.backbone_config.vocab_size
+        if not isinstance(self.sep_token_id, int) or not 0 <= self.sep_token_id < vocab_size:
+            raise ValueError(f"sep_token_id={self.sep_token_id!r} is out of range: allowed [0, {vocab_size - 1}].")
+
+    @property
+    def initializer_range(self) -> float:
+        """The backbone's weight-initialisation scale, also used for the predictors and the span head."""
+        return self.backbone_config.initializer_range
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.backbone_config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone_config.hidden_size
+
+
+__all__ = ["BlockSkimConfig"]

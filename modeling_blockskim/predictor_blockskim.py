@@ -1,0 +1,49 @@
+"""The skim predictor: a tiny CNN that reads one block's own attention square and says "keep" or "skim".
+
+Paper section 3.2: the input is the H-channel bs x bs image `P[:, :, k*bs:(k+1)*bs, k*bs:(k+1)*bs]` of layer i's
+attention probabilities; the network is [3x3 conv H->H, BatchNorm, ReLU, 2x2 average pool] x 2, flatten, and a
+linear layer to two logits (skim, keep). About 4.2K parameters for BERT-base (H = 12, bs = 32); its compute is
+negligible next to the layer it follows. Travels with every checkpoint as remote code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BlockSkimPredictor(nn.Module):
+    """Block relevance classifier over diagonal attention blocks.
+
+    Args:
+        num_heads (`int`): attention heads of the layer it reads (the image's channels).
+        block_size (`int`): tokens per block, a multiple of 4 (two 2x2 poolings).
+    """
+
+    def __init__(self, num_heads: int, block_size: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(num_heads, num_heads, kernel_size=3, padding=1),
+            nn.BatchNorm2d(num_heads),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(num_heads, num_heads, kernel_size=3, padding=1),
+            nn.BatchNorm2d(num_heads),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+        )
+        self.classifier = nn.Linear(num_heads * (block_size // 4) ** 2, 2)
+
+    def forward(self, block_probs: torch.Tensor) -> torch.Tensor:
+        """Classify blocks.
+
+        Args:
+            block_probs (`torch.Tensor` of shape `(num_blocks, heads, block_size, block_size)`): the blocks to judge,
+                only real ones (so BatchNorm statistics never see padding).
+
+        Returns:
+            `torch.Tensor` of shape `(num_blocks, 2)`: logits of (skim, keep).
+        """
+        dtype = self.classifier.weight.dtype
+        features = self.features(block_probs.to(dtype))  # (N, H, bs/4, bs/4)
+        return self.classifier(features.flatten(1))  # (N, 2)

@@ -1,0 +1,186 @@
+"""Pure tensor operations of Block-Skim: which blocks are protected, labelled, kept, and how a batch shrinks.
+
+Everything here works on whole batches without Python loops over examples or tokens, and never lets one example
+influence another (REFERENCE section 3):
+
+1. padding is never counted or kept (the model pads internally only to a multiple of the block size);
+2. `keep = (P(keep) >= tau) | protected`, then `keep &= valid`; protected blocks hold [CLS], the question or a
+   separator;
+3. `compact` moves each row's kept blocks to the front in their original order, slices to the batch maximum and
+   marks the slots past a row's own count as invalid fillers, which attention then masks;
+4. `scatter_to_input` puts per-position results back at the input positions; everything skimmed gets a fill value.
+
+Travels with every checkpoint as remote code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+IGNORE_INDEX = -100
+"""Block label of blocks that do not enter the skim loss: protected, padding, or absent."""
+
+
+def protected_token_mask(input_ids: torch.Tensor, token_valid: torch.Tensor, sep_token_id: int) -> torch.Tensor:
+    """Tokens that are never skimmed: everything up to the end of the first run of separators, and every separator.
+
+    For `[CLS] question [SEP] context [SEP]` (BERT, ELECTRA) and `<s> question </s></s> context </s>` (RoBERTa)
+    this is the [CLS] token, the question and the separators. A row without a separator is protected entirely.
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `(batch, length)`).
+        token_valid (`torch.BoolTensor` of shape `(batch, length)`): real tokens (the attention mask).
+        sep_token_id (`int`).
+
+    Returns:
+        `torch.BoolTensor` of shape `(batch, length)`.
+    """
+    is_sep = (input_ids == sep_token_id) & token_valid  # (B, L)
+    length = input_ids.shape[1]
+    positions = torch.arange(length, device=input_ids.device)  # (L,)
+    first_sep = torch.where(is_sep.any(dim=1), is_sep.int().argmax(dim=1), length - 1)  # (B,)
+    up_to_first = positions[None, :] <= first_sep[:, None]  # (B, L)
+    # Stays 1 through the question, then through the separators that directly follow the first one.
+    prefix = torch.cumprod((up_to_first | is_sep).int(), dim=1).bool()  # (B, L)
+    return (prefix | is_sep) & token_valid
+
+
+def any_per_block(token_mask: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(batch, length) bool -> (batch, length // block_size) bool: does the block hold any such token."""
+    return token_mask.unflatten(1, (-1, block_size)).any(dim=-1)
+
+
+def answer_block_labels(
+    start_positions: torch.Tensor,
+    end_positions: torch.Tensor,
+    token_valid: torch.Tensor,
+    protected_tokens: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """Skim-loss targets per block: 1 = holds at least one answer token, 0 = passage without answer, -100 = ignore.
+
+    Unlike the original code, one answer token suffices (single-token answers and answers crossing a block
+    boundary label every block they touch), and [CLS], question, separator and padding blocks are excluded rather
+    than labelled "skim". An answer at [CLS] (unanswerable question, or a window without the answer) or outside the
+    sequence makes every passage block negative.
+
+    Args:
+        start_positions, end_positions (`torch.LongTensor` of shape `(batch,)`): inclusive token span.
+        token_valid, protected_tokens (`torch.BoolTensor` of shape `(batch, length)`), `length` a multiple of
+            `block_size`.
+
+    Returns:
+        `torch.LongTensor` of shape `(batch, length // block_size)`.
+    """
+    length = token_valid.shape[1]
+    positions = torch.arange(length, device=token_valid.device)[None, :]  # (1, L)
+    start = start_positions.reshape(-1, 1)  # (B, 1)
+    end = end_positions.reshape(-1, 1)  # (B, 1)
+    passage = token_valid & ~protected_tokens  # (B, L)
+    answer_tokens = (positions >= start) & (positions <= end) & (start < length) & passage  # (B, L)
+    labels = any_per_block(answer_tokens, block_size).long()  # (B, K)
+    labelled = any_per_block(passage, block_size) & ~any_per_block(protected_tokens, block_size)  # (B, K)
+    return labels.masked_fill(~labelled, IGNORE_INDEX)
+
+
+@dataclass
+class SkimState:
+    """The shrinking sequence between layers; slot s of row b holds original block `block_ids[b, s]`.
+
+    Attributes:
+        hidden_states (`torch.Tensor` of shape `(batch, slots * block_size, hidden)`).
+        token_valid (`torch.BoolTensor` of shape `(batch, slots * block_size)`): real, still present tokens; padding
+            and filler slots are `False` and are masked as attention keys.
+        block_ids (`torch.LongTensor` of shape `(batch, slots)`): original block index of each slot.
+        block_protected (`torch.BoolTensor` of shape `(batch, slots)`).
+    """
+
+    hidden_states: torch.Tensor
+    token_valid: torch.Tensor
+    block_ids: torch.Tensor
+    block_protected: torch.Tensor
+
+    @property
+    def block_valid(self) -> torch.Tensor:
+        """(batch, slots) bool: slot holds a block with at least one real token."""
+        return any_per_block(self.token_valid, self.block_size)
+
+    @property
+    def block_size(self) -> int:
+        return self.hidden_states.shape[1] // self.block_ids.shape[1]
+
+    def token_positions(self) -> torch.Tensor:
+        """(batch, slots * block_size) original position of every token slot."""
+        offsets = torch.arange(self.block_size, device=self.block_ids.device)  # (bs,)
+        return (self.block_ids[:, :, None] * self.block_size + offsets).flatten(1)
+
+
+def keep_decision(wanted: torch.Tensor, block_protected: torch.Tensor, block_valid: torch.Tensor) -> torch.Tensor:
+    """`keep = (wanted | protected) & valid`, shapes `(batch, slots)`; `wanted` is usually `P(keep) >= tau`."""
+    return (wanted | block_protected) & block_valid
+
+
+def compact(state: SkimState, keep: torch.Tensor) -> SkimState:
+    """Physically remove the blocks not kept: gather each row's kept blocks to the front, in original order.
+
+    The result is as long as the row that keeps most blocks; shorter rows end in filler slots whose tokens are
+    marked invalid, so attention masks them and no row's result depends on the others. One host synchronisation
+    (the new length) is inherent to a dynamic shape.
+
+    Args:
+        state (`SkimState`): the current sequence.
+        keep (`torch.BoolTensor` of shape `(batch, slots)`): blocks to keep (already restricted to valid ones).
+
+    Returns:
+        `SkimState` with `max(keep.sum(1))` slots.
+    """
+    batch, slots = keep.shape
+    block_size = state.block_size
+    kept_per_row = keep.sum(dim=1)  # (B,)
+    new_slots = max(int(kept_per_row.max()), 1)
+    # Stable sort on "not kept" puts kept blocks first, each group in its current (= original) order.
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :new_slots]  # (B, S')
+    filled = torch.arange(new_slots, device=keep.device)[None, :] < kept_per_row[:, None]  # (B, S')
+    offsets = torch.arange(block_size, device=keep.device)  # (bs,)
+    token_index = (order[:, :, None] * block_size + offsets).flatten(1)  # (B, S' * bs)
+    hidden = state.hidden_states.gather(
+        1, token_index[:, :, None].expand(-1, -1, state.hidden_states.shape[-1])
+    )  # (B, S' * bs, h)
+    token_valid = state.token_valid.gather(1, token_index) & filled.repeat_interleave(block_size, dim=1)
+    return replace(
+        state,
+        hidden_states=hidden,
+        token_valid=token_valid,
+        block_ids=state.block_ids.gather(1, order),
+        block_protected=state.block_protected.gather(1, order) & filled,
+    )
+
+
+def to_original_blocks(values: torch.Tensor, block_ids: torch.Tensor, num_blocks: int, fill: float) -> torch.Tensor:
+    """Place per-slot values `(batch, slots, ...)` at their original block index `(batch, num_blocks, ...)`."""
+    shape = (values.shape[0], num_blocks, *values.shape[2:])
+    out = torch.full(shape, fill, dtype=values.dtype, device=values.device)
+    index = block_ids.reshape(*block_ids.shape, *([1] * (values.dim() - 2))).expand_as(values)
+    return out.scatter(1, index, values)
+
+
+def scatter_to_input(values: torch.Tensor, state: SkimState, num_blocks: int, length: int, fill: float) -> torch.Tensor:
+    """Put per-slot values `(batch, slots * block_size, ...)` back at the input positions `(batch, length, ...)`.
+
+    Invalid slots (padding, fillers) and every position that was skimmed get `fill`. Slot positions are distinct
+    within a row, so the scatter is deterministic.
+
+    Args:
+        values (`torch.Tensor` of shape `(batch, slots * block_size, ...)`).
+        state (`SkimState`): the sequence the values were computed on.
+        num_blocks (`int`): blocks of the internally padded input.
+        length (`int`): the caller's sequence length (the padded input is cropped back to it).
+    """
+    trailing = [1] * (values.dim() - 2)
+    values = values.masked_fill(~state.token_valid.reshape(*state.token_valid.shape, *trailing), fill)
+    positions = state.token_positions()  # (B, S * bs)
+    out_shape = (values.shape[0], num_blocks * state.block_size, *values.shape[2:])
+    out = torch.full(out_shape, fill, dtype=values.dtype, device=values.device)
+    return out.scatter(1, positions.reshape(*positions.shape, *trailing).expand_as(values), values)[:, :length]

@@ -1,0 +1,75 @@
+"""BlockSkimConfig: defaults, serialisation, and validation errors that name the bad field."""
+
+import pytest
+from transformers import AutoConfig, BertConfig, GPT2Config
+
+from modeling_blockskim import BlockSkimConfig
+
+
+def test_defaults_follow_the_paper_and_skip_the_last_layer():
+    config = BlockSkimConfig(backbone_config=BertConfig(num_hidden_layers=6))
+    assert config.block_size == 32
+    assert config.skim_layers == [0, 1, 2, 3, 4]
+    assert config.balance_factor == 20.0
+    assert config.harmony_coefficient == 0.1
+    assert config.skim_at_inference is True
+    assert config.sep_token_id == 102
+
+
+def test_roberta_backbone_defaults_to_its_separator():
+    from transformers import RobertaConfig
+
+    assert BlockSkimConfig(backbone_config=RobertaConfig()).sep_token_id == 2
+
+
+def test_round_trip_through_json_keeps_backbone_and_skim_settings(tmp_path):
+    config = BlockSkimConfig(
+        backbone_config=BertConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4),
+        block_size=16,
+        skim_layers=[2, 0],
+        skim_threshold=0.05,
+        balance_factor=30.0,
+    )
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, BlockSkimConfig)
+    assert isinstance(loaded.backbone_config, BertConfig)
+    assert loaded.backbone_config.hidden_size == 64
+    assert loaded.skim_layers == [0, 2]
+    assert (loaded.block_size, loaded.skim_threshold, loaded.balance_factor) == (16, 0.05, 30.0)
+
+
+def test_backbone_config_may_be_a_dict_with_model_type():
+    config = BlockSkimConfig(backbone_config={"model_type": "electra", "num_hidden_layers": 3})
+    assert config.backbone_config.model_type == "electra"
+    assert config.skim_layers == [0, 1]
+
+
+def test_empty_skim_layers_is_allowed_and_means_plain_qa():
+    assert BlockSkimConfig(skim_layers=[]).skim_layers == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "allowed"),
+    [
+        ({"block_size": 30}, "block_size", "multiple of 4"),
+        ({"block_size": 0}, "block_size", "multiple of 4"),
+        ({"block_size": 1024}, "block_size", "[4, 512]"),
+        ({"block_size": 32.0}, "block_size", "int"),
+        ({"skim_layers": [11]}, "skim_layers", "0..10"),
+        ({"skim_layers": [-1]}, "skim_layers", "0..10"),
+        ({"skim_layers": [1, 1]}, "skim_layers", "more than once"),
+        ({"skim_threshold": 1.5}, "skim_threshold", "[0.0, 1.0]"),
+        ({"skim_threshold": -0.1}, "skim_threshold", "[0.0, 1.0]"),
+        ({"balance_factor": -1.0}, "balance_factor", ">= 0.0"),
+        ({"harmony_coefficient": -0.1}, "harmony_coefficient", ">= 0.0"),
+        ({"skim_loss_reduction": "max"}, "skim_loss_reduction", "'sum', 'mean'"),
+        ({"sep_token_id": 10**6}, "sep_token_id", "[0, 30521]"),
+        ({"backbone_config": GPT2Config()}, "backbone_config.model_type", "'bert', 'roberta', 'electra'"),
+    ],
+)
+def test_invalid_setting_raises_value_error_naming_field_and_range(kwargs, field, allowed):
+    with pytest.raises(ValueError) as error:
+        BlockSkimConfig(**kwargs)
+    assert field in str(error.value)
+    assert allowed in str(error.value)

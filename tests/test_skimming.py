@@ -1,0 +1,126 @@
+"""The pure tensor operations: protection, block labels, keep decisions, compaction and scattering back."""
+
+import torch
+
+from modeling_blockskim.skimming_blockskim import (
+    IGNORE_INDEX,
+    SkimState,
+    answer_block_labels,
+    any_per_block,
+    compact,
+    keep_decision,
+    protected_token_mask,
+    scatter_to_input,
+    to_original_blocks,
+)
+
+SEP = 9
+
+
+def test_protected_tokens_are_cls_question_and_separators_for_bert_layout():
+    #                 CLS  q   q  SEP  c  c  c  SEP pad
+    ids = torch.tensor([[1, 5, 6, SEP, 7, 7, 7, SEP, 0]])
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    protected = protected_token_mask(ids, valid, SEP)
+    assert protected.int().tolist() == [[1, 1, 1, 1, 0, 0, 0, 1, 0]]
+
+
+def test_protected_tokens_cover_the_double_separator_of_roberta_layout():
+    #                  <s> q  </s></s> c  c </s>
+    ids = torch.tensor([[0, 5, SEP, SEP, 7, 7, SEP]])
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    assert protected_token_mask(ids, valid, SEP).int().tolist() == [[1, 1, 1, 1, 0, 0, 1]]
+
+
+def test_row_without_separator_is_protected_entirely():
+    ids = torch.tensor([[1, 5, 6, 7]])
+    valid = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    assert protected_token_mask(ids, valid, SEP).int().tolist() == [[1, 1, 1, 0]]
+
+
+def _labels(start, end, valid_length, protected_until, length=16, block_size=4):
+    valid = (torch.arange(length) < valid_length)[None]
+    protected = (torch.arange(length) <= protected_until)[None] & valid
+    protected[0, valid_length - 1] = True  # final separator
+    return answer_block_labels(torch.tensor([start]), torch.tensor([end]), valid, protected, block_size)[0].tolist()
+
+
+def test_single_token_answer_makes_its_block_positive():
+    # blocks: [0-3] question, [4-7], [8-11], [12-15] holds the final separator -> excluded
+    assert _labels(start=9, end=9, valid_length=16, protected_until=3) == [IGNORE_INDEX, 0, 1, IGNORE_INDEX]
+
+
+def test_answer_crossing_a_block_boundary_makes_both_blocks_positive():
+    assert _labels(start=7, end=8, valid_length=16, protected_until=3) == [IGNORE_INDEX, 1, 1, IGNORE_INDEX]
+
+
+def test_question_and_padding_blocks_are_excluded_from_the_skim_loss():
+    # valid length 10: block [8-11] holds the final separator, block [12-15] is pure padding
+    assert _labels(start=5, end=6, valid_length=10, protected_until=4) == [
+        IGNORE_INDEX,
+        IGNORE_INDEX,
+        IGNORE_INDEX,
+        IGNORE_INDEX,
+    ]
+    assert _labels(start=5, end=6, valid_length=14, protected_until=2) == [IGNORE_INDEX, 1, 0, IGNORE_INDEX]
+
+
+def test_answer_at_cls_or_outside_the_window_gives_only_negative_passage_blocks():
+    assert _labels(start=0, end=0, valid_length=16, protected_until=3) == [IGNORE_INDEX, 0, 0, IGNORE_INDEX]
+    assert _labels(start=16, end=16, valid_length=16, protected_until=3) == [IGNORE_INDEX, 0, 0, IGNORE_INDEX]
+
+
+def test_keep_decision_keeps_protected_and_drops_padding_blocks():
+    wanted = torch.tensor([[False, True, False, True]])
+    protected = torch.tensor([[True, False, False, False]])
+    valid = torch.tensor([[True, True, True, False]])
+    assert keep_decision(wanted, protected, valid).tolist() == [[True, True, False, False]]
+
+
+def _state(batch=2, blocks=4, block_size=2, hidden=3):
+    hidden_states = torch.arange(batch * blocks * block_size * hidden, dtype=torch.float32).view(batch, -1, hidden)
+    token_valid = torch.ones(batch, blocks * block_size, dtype=torch.bool)
+    token_valid[1, -3:] = False  # row 1: last block padding, block 2 half padding
+    block_ids = torch.arange(blocks).expand(batch, blocks)
+    protected = torch.zeros(batch, blocks, dtype=torch.bool)
+    protected[:, 0] = True
+    return SkimState(hidden_states, token_valid, block_ids, protected)
+
+
+def test_compact_keeps_blocks_in_original_order_and_masks_fillers():
+    state = _state()
+    keep = torch.tensor([[True, False, True, True], [True, False, False, False]])
+    new = compact(state, keep)
+    assert new.block_ids.tolist() == [[0, 2, 3], [0, 1, 2]]
+    assert new.hidden_states.shape == (2, 6, 3)
+    # Row 0 holds the original tokens of blocks 0, 2, 3.
+    assert torch.equal(new.hidden_states[0], state.hidden_states[0, [0, 1, 4, 5, 6, 7]])
+    # Row 1 keeps one block; the two filler slots are invalid whatever they contain.
+    assert new.token_valid.tolist()[1] == [True, True, False, False, False, False]
+    assert new.block_protected.tolist() == [[True, False, False], [True, False, False]]
+
+
+def test_scatter_to_input_restores_positions_and_fills_skimmed_ones():
+    state = _state()
+    keep = torch.tensor([[True, False, True, False], [True, True, False, False]])
+    new = compact(state, keep)
+    values = new.token_positions().float()  # each slot's own original position
+    out = scatter_to_input(values, new, num_blocks=4, length=7, fill=-1.0)
+    assert out.tolist() == [
+        [0.0, 1.0, -1.0, -1.0, 4.0, 5.0, -1.0],
+        [0.0, 1.0, 2.0, 3.0, -1.0, -1.0, -1.0],
+    ]
+
+
+def test_to_original_blocks_places_slot_values_at_their_block():
+    values = torch.tensor([[10.0, 30.0], [20.0, 0.0]])
+    block_ids = torch.tensor([[1, 3], [2, 0]])
+    assert to_original_blocks(values, block_ids, 4, fill=-1.0).tolist() == [
+        [-1.0, 10.0, -1.0, 30.0],
+        [0.0, -1.0, 20.0, -1.0],
+    ]
+
+
+def test_any_per_block():
+    mask = torch.tensor([[0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    assert any_per_block(mask, 2).tolist() == [[False, True, False]]
