@@ -1,0 +1,81 @@
+"""The "blockskim" attention function: same output as the model's implementation, exact diagonal-block probabilities."""
+
+import pytest
+import torch
+from torch import nn
+
+from modeling_blockskim.attention_blockskim import (
+    AttentionProbe,
+    blockskim_attention_forward,
+    diagonal_block_probabilities,
+)
+
+
+def _qkv(batch=2, heads=3, length=24, head_dim=8, seed=0, requires_grad=False):
+    generator = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(batch, heads, length, head_dim, generator=generator) for _ in range(3)]
+    return [t.requires_grad_(requires_grad) for t in tensors]
+
+
+def _reference_probabilities(query, key, key_valid, scaling):
+    scores = query @ key.transpose(-1, -2) * scaling
+    scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    return scores.softmax(dim=-1)  # (B, H, L, L)
+
+
+def _diagonal_blocks(probs, block_size):
+    batch, heads, length, _ = probs.shape
+    blocks = length // block_size
+    return torch.stack(
+        [probs[:, :, k * block_size : (k + 1) * block_size, k * block_size : (k + 1) * block_size] for k in range(blocks)],
+        dim=2,
+    )  # (B, H, K, bs, bs)
+
+
+class _Module(nn.Module):
+    is_causal = False
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["fused-inference", "differentiable"])
+def test_probe_returns_the_diagonal_blocks_of_the_softmax_attention(requires_grad):
+    query, key, value = _qkv(requires_grad=requires_grad)
+    key_valid = torch.ones(2, 24, dtype=torch.bool)
+    key_valid[1, 19:] = False
+    scaling = 8**-0.5
+    probe = AttentionProbe(implementation="sdpa", block_size=8, key_valid=key_valid)
+    output, _ = blockskim_attention_forward(_Module(), query, key, value, None, scaling=scaling, blockskim_probe=probe)
+
+    reference = _reference_probabilities(query, key, key_valid, scaling)
+    torch.testing.assert_close(probe.block_probs, _diagonal_blocks(reference, 8), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(output, (reference @ value).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    assert probe.block_probs.requires_grad == requires_grad
+
+
+def test_probe_gradient_reaches_queries_and_keys():
+    query, key, value = _qkv(requires_grad=True)
+    probe = AttentionProbe(implementation="sdpa", block_size=8, key_valid=torch.ones(2, 24, dtype=torch.bool))
+    blockskim_attention_forward(_Module(), query, key, value, None, blockskim_probe=probe)
+    probe.block_probs.sum().backward()
+    assert query.grad.abs().sum() > 0 and key.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_without_probe_the_model_implementation_runs_unchanged(implementation):
+    query, key, value = _qkv()
+    mask = torch.ones(2, 1, 24, 24, dtype=torch.bool)
+    mask[1, ..., 19:] = False
+    output, weights = blockskim_attention_forward(
+        _Module(), query, key, value, mask, blockskim_probe=AttentionProbe(implementation=implementation)
+    )
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    torch.testing.assert_close(output, expected.transpose(1, 2), atol=1e-6, rtol=1e-5)
+    assert weights is None
+
+
+def test_diagonal_block_probabilities_sum_to_at_most_one_per_row():
+    query, key, _ = _qkv()
+    key_valid = torch.ones(2, 24, dtype=torch.bool)
+    lse = torch.logsumexp(query @ key.transpose(-1, -2) * 0.3, dim=-1)
+    blocks = diagonal_block_probabilities(query, key, key_valid, lse, 0.3, 8)
+    assert blocks.shape == (2, 3, 3, 8, 8)
+    assert (blocks.sum(-1) <= 1 + 1e-6).all() and (blocks >= 0).all()

