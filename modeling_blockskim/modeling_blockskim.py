@@ -119,7 +119,9 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         super().__init__(config)
         # The layers dispatch attention to "blockskim" through a private copy of the backbone config, so changing
         # the model's attention implementation (kept on `config`) never bypasses the probe.
-        backbone = AutoModel.from_config(copy.deepcopy(config.backbone_config), attn_implementation=BLOCKSKIM_ATTENTION)
+        backbone = AutoModel.from_config(
+            copy.deepcopy(config.backbone_config), attn_implementation=BLOCKSKIM_ATTENTION
+        )
         self.embeddings = backbone.embeddings
         self.embeddings_project = getattr(backbone, "embeddings_project", None)
         self.layers = backbone.encoder.layer
@@ -134,9 +136,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         self.post_init()
 
     @classmethod
-    def from_backbone(
-        cls, backbone: str | os.PathLike | PreTrainedModel, **kwargs
-    ) -> BlockSkimForQuestionAnswering:
+    def from_backbone(cls, backbone: str | os.PathLike | PreTrainedModel, **kwargs) -> BlockSkimForQuestionAnswering:
         """Start a Block-Skim model from a pretrained BERT, RoBERTa or ELECTRA checkpoint or model object.
 
         The backbone's embeddings and layers keep their pretrained weights; the skim predictors are new. The span
@@ -246,7 +246,11 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         if not run_predictors:
             sequence_output = self._encode(hidden_states, token_valid)
             start_logits, end_logits = self._span_logits(sequence_output)
-            qa_loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions) if has_labels else None
+            qa_loss = (
+                question_answering_loss(start_logits, end_logits, start_positions, end_positions)
+                if has_labels
+                else None
+            )
             return BlockSkimQuestionAnsweringOutput(loss=qa_loss, start_logits=start_logits, end_logits=end_logits)
 
         state, num_blocks, protected_tokens = self._initial_state(hidden_states, token_valid, input_ids)
@@ -382,7 +386,9 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
 
 def _tokenizer_sep_token_id(path: str | os.PathLike, load_kwargs: dict) -> int | None:
     """The separator id of the checkpoint's own tokenizer, or `None` when the checkpoint ships no tokenizer."""
-    hub_kwargs = {k: load_kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in load_kwargs}
+    hub_kwargs = {
+        k: load_kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in load_kwargs
+    }
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
     except (OSError, ValueError, KeyError):

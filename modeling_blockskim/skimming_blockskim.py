@@ -166,7 +166,9 @@ def to_original_blocks(values: torch.Tensor, block_ids: torch.Tensor, num_blocks
     return out.scatter(1, index, values)
 
 
-def scatter_to_input(values: torch.Tensor, state: SkimState, num_blocks: int, length: int, fill: float) -> torch.Tensor:
+def scatter_to_input(
+    values: torch.Tensor, state: SkimState, num_blocks: int, length: int, fill: float
+) -> torch.Tensor:
     """Put per-slot values `(batch, slots * block_size, ...)` back at the input positions `(batch, length, ...)`.
 
     Invalid slots (padding, fillers) and every position that was skimmed get `fill`. Slot positions are distinct

@@ -1,4 +1,4 @@
-"""The "blockskim" attention function: same output as the model's implementation, exact diagonal-block probabilities."""
+"""The "blockskim" attention function: the model's own attention output plus exact diagonal-block probabilities."""
 
 import pytest
 import torch
@@ -27,7 +27,10 @@ def _diagonal_blocks(probs, block_size):
     batch, heads, length, _ = probs.shape
     blocks = length // block_size
     return torch.stack(
-        [probs[:, :, k * block_size : (k + 1) * block_size, k * block_size : (k + 1) * block_size] for k in range(blocks)],
+        [
+            probs[:, :, k * block_size : (k + 1) * block_size, k * block_size : (k + 1) * block_size]
+            for k in range(blocks)
+        ],
         dim=2,
     )  # (B, H, K, bs, bs)
 

@@ -23,7 +23,11 @@ from modeling_blockskim.skimming_blockskim import any_per_block, protected_token
 from .testing_utils import BLOCK_SIZE, SEP_TOKEN_ID, qa_batch, tiny_backbone_config, tiny_model
 
 BACKBONES = ["bert", "roberta", "electra"]
-STOCK_QA = {"bert": BertForQuestionAnswering, "roberta": RobertaForQuestionAnswering, "electra": ElectraForQuestionAnswering}
+STOCK_QA = {
+    "bert": BertForQuestionAnswering,
+    "roberta": RobertaForQuestionAnswering,
+    "electra": ElectraForQuestionAnswering,
+}
 _no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PLACEMENTS = [
     pytest.param("cpu", torch.float32, id="cpu-fp32"),
@@ -32,7 +36,10 @@ PLACEMENTS = [
     pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=[pytest.mark.gpu, _no_cuda]),
 ]
 # Tolerances: fp32 as the issue specifies; bf16 carries ~3 significant digits through a few layers.
-ATOL = {torch.float32: {"stock": 1e-5, "oracle": 1e-4, "flip": 1e-5}, torch.bfloat16: {"stock": 3e-2, "oracle": 6e-2, "flip": 2e-2}}
+ATOL = {
+    torch.float32: {"stock": 1e-5, "oracle": 1e-4, "flip": 1e-5},
+    torch.bfloat16: {"stock": 3e-2, "oracle": 6e-2, "flip": 2e-2},
+}
 
 
 def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
@@ -64,7 +71,9 @@ def test_logits_equal_stock_qa_model_when_not_skimming(backbone, attn_implementa
     torch.manual_seed(0)
     stock = STOCK_QA[backbone]._from_config(tiny_backbone_config(backbone), attn_implementation=attn_implementation)
     stock.eval()
-    model = BlockSkimForQuestionAnswering.from_backbone(stock, block_size=BLOCK_SIZE, sep_token_id=SEP_TOKEN_ID[backbone])
+    model = BlockSkimForQuestionAnswering.from_backbone(
+        stock, block_size=BLOCK_SIZE, sep_token_id=SEP_TOKEN_ID[backbone]
+    )
     model.eval()
     assert model.config._attn_implementation == attn_implementation
     batch = qa_batch(backbone)
@@ -147,7 +156,9 @@ def test_example_keeps_the_same_blocks_and_answer_alone_and_in_a_mixed_batch(dev
         keep_probability = probe.block_logits[:, 0].float().softmax(-1)[..., 1]
         protected = protected_token_mask(batch["input_ids"], batch["attention_mask"].bool(), SEP_TOKEN_ID["bert"])
         width = probe.block_keep_mask.shape[-1] * BLOCK_SIZE
-        protected_blocks = any_per_block(torch.nn.functional.pad(protected, (0, width - protected.shape[1])), BLOCK_SIZE)
+        protected_blocks = any_per_block(
+            torch.nn.functional.pad(protected, (0, width - protected.shape[1])), BLOCK_SIZE
+        )
         passage = probe.block_keep_mask[:, 0] & ~protected_blocks
         threshold = float(keep_probability[passage].median())
         together = model(**batch, skim=True, skim_threshold=threshold, output_skim_details=True)
