@@ -58,7 +58,8 @@ class BlockSkimQuestionAnsweringOutput(ModelOutput):
             positions skimmed (and, when skimming, padding) hold `SKIMMED_LOGIT`.
         qa_loss, skim_loss (`torch.FloatTensor` of shape `()`, *optional*): the two terms of `loss`.
         block_logits (`torch.FloatTensor` of shape `(batch, predictor_layers, blocks, 2)`): (skim, keep) logits of
-            every predictor layer in original block coordinates; 0 where the block was absent (padding or skimmed).
+            every predictor layer in original block coordinates; 0 where the block was not judged (protected,
+            padding, or already skimmed).
         block_labels (`torch.LongTensor` of shape `(batch, blocks)`, *optional*): 1 holds answer tokens, 0 passage
             without answer, -100 excluded ([CLS]/question/separator/padding blocks).
         block_keep_mask (`torch.BoolTensor` of shape `(batch, predictor_layers, blocks)`): blocks still present
@@ -356,9 +357,11 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             if predictor is None:
                 continue
             block_valid = state.block_valid  # (B, S)
+            # Only passage blocks are judged: protected blocks are always kept and never labelled.
+            judged = block_valid & ~state.block_protected  # (B, S)
             block_probs = probe.block_probs.transpose(1, 2)  # (B, S, H, bs, bs)
             logits = block_probs.new_zeros(*block_valid.shape, 2, dtype=self.qa_outputs.weight.dtype)
-            logits[block_valid] = predictor(block_probs[block_valid])  # (B, S, 2)
+            logits[judged] = predictor(block_probs[judged])  # (B, S, 2)
             trace["block_logits"].append(to_original_blocks(logits, state.block_ids, num_blocks, 0.0))
             trace["present"].append(to_original_blocks(block_valid, state.block_ids, num_blocks, False))
             if not skim:

@@ -140,6 +140,8 @@ def compact(state: SkimState, keep: torch.Tensor) -> SkimState:
     block_size = state.block_size
     kept_per_row = keep.sum(dim=1)  # (B,)
     new_slots = max(int(kept_per_row.max()), 1)
+    if new_slots == slots and torch.equal(keep, state.block_valid):
+        return state  # nothing dropped anywhere
     # Stable sort on "not kept" puts kept blocks first, each group in its current (= original) order.
     order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :new_slots]  # (B, S')
     filled = torch.arange(new_slots, device=keep.device)[None, :] < kept_per_row[:, None]  # (B, S')

@@ -1,0 +1,100 @@
+"""Honest timing and provenance for benchmarks: side-by-side interleaved runs, synchronised clocks, medians, and
+the hardware/software/command record every results file carries.
+
+The original research code timed CUDA with `time.time()` and no synchronisation; here every CUDA measurement uses
+CUDA events and every CPU measurement `time.perf_counter`, alternating the variants within each repetition so that
+machine noise hits them alike.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def _time_once(function: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call takes, with the device's work included."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        function()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000.0
+    began = time.perf_counter()
+    function()
+    return time.perf_counter() - began
+
+
+def time_side_by_side(
+    variants: dict[str, Callable[[], object]],
+    repeats: int = 15,
+    warmup: int = 3,
+    device: torch.device | str = "cpu",
+) -> dict[str, list[float]]:
+    """Time several variants of the same work, interleaved, after warm-up runs that are not recorded.
+
+    Args:
+        variants (`dict[str, Callable]`): name -> zero-argument function.
+        repeats (`int`, defaults to 15): recorded runs per variant.
+        warmup (`int`, defaults to 3): unrecorded runs per variant first.
+        device (`torch.device` or `str`): where the work runs (CUDA timing uses events).
+
+    Returns:
+        `dict[str, list[float]]`: seconds of every recorded run per variant.
+    """
+    device = torch.device(device)
+    for _ in range(warmup):
+        for function in variants.values():
+            _time_once(function, device)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, function in variants.items():
+            times[name].append(_time_once(function, device))
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def environment(device: torch.device | str = "cpu") -> dict[str, object]:
+    """Hardware, software versions, git revision, command and date, for a results file."""
+    import transformers
+
+    device = torch.device(device)
+    record: dict[str, object] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(argument) for argument in [Path(sys.executable).name, *sys.argv]),
+        "git_revision": _git_revision(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        record["gpu"] = torch.cuda.get_device_name(device)
+    return record
+
+
+def _git_revision() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return result.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

@@ -1,0 +1,105 @@
+"""FLOPs of a Block-Skim forward pass: one analytic estimate shared by evaluation logs and benchmarks, and a
+measured count with `torch.utils.flop_counter` to check it against.
+
+The analytic count covers everything that multiplies: per encoder layer on n tokens with hidden size h and
+intermediate size I, the Q/K/V/output projections (8 n h^2), the feed-forward (4 n h I) and the attention products
+(4 n^2 h); the span head (4 n h); and per skim-predictor layer on K blocks of bs tokens with H heads of d dims, the
+diagonal attention blocks (2 K H bs^2 d) and the CNN on the passage blocks (2 K H^2 9 (bs^2 + bs^2/4) plus
+2 K H bs^2/8). Layer norms, softmax and activations are left out, as `torch.utils.flop_counter` leaves them out.
+The paper's ideal speedup (Eq. 4) is also here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+
+from .configuration_blockskim import BlockSkimConfig
+
+
+def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_CPU_FLASH_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+if _CPU_FLASH_ATTENTION is not None:
+    try:
+        # torch counts SDPA on CUDA but not the CPU flash kernel that SDPA dispatches to on CPU.
+        register_flop_formula(_CPU_FLASH_ATTENTION)(_cpu_flash_attention_flop)
+    except RuntimeError:  # already registered (a newer torch, or a second import)
+        pass
+
+
+def layer_flops(tokens: int, hidden_size: int, intermediate_size: int) -> int:
+    """FLOPs of one BERT-style encoder layer on a sequence of `tokens` positions."""
+    n, h = tokens, hidden_size
+    return 8 * n * h * h + 4 * n * h * intermediate_size + 4 * n * n * h
+
+
+def diagonal_block_flops(blocks: int, num_heads: int, head_dim: int, block_size: int) -> int:
+    """FLOPs of the bs x bs diagonal attention scores of `blocks` blocks (the predictor's input)."""
+    return 2 * blocks * num_heads * block_size * block_size * head_dim
+
+
+def predictor_flops(blocks: int, num_heads: int, block_size: int) -> int:
+    """FLOPs of the skim CNN classifying `blocks` blocks: two 3x3 convolutions and the linear layer."""
+    bs, heads = block_size, num_heads
+    convolutions = 2 * blocks * heads * heads * 9 * (bs * bs + (bs // 2) ** 2)
+    classifier = 2 * blocks * heads * (bs // 4) ** 2 * 2
+    return convolutions + classifier
+
+
+def forward_flops(
+    config: BlockSkimConfig, tokens_per_layer: Sequence[int], predictors: bool = True, protected_blocks: int = 0
+) -> int:
+    """Analytic FLOPs of one forward pass.
+
+    Args:
+        config (`BlockSkimConfig`): the model's configuration.
+        tokens_per_layer (`Sequence[int]`): positions each encoder layer processes (`num_hidden_layers` entries);
+            the span head runs on the last layer's positions.
+        predictors (`bool`, defaults to `True`): count the skim predictors, which read the diagonal blocks of
+            every block present and classify the passage (not protected) ones.
+        protected_blocks (`int`, defaults to 0): blocks holding [CLS], question or separators, never classified.
+
+    Returns:
+        `int` FLOPs.
+    """
+    backbone = config.backbone_config
+    if len(tokens_per_layer) != backbone.num_hidden_layers:
+        raise ValueError(
+            f"tokens_per_layer has {len(tokens_per_layer)} entries; "
+            f"the backbone has {backbone.num_hidden_layers} layers."
+        )
+    total = sum(layer_flops(n, backbone.hidden_size, backbone.intermediate_size) for n in tokens_per_layer)
+    total += 4 * tokens_per_layer[-1] * backbone.hidden_size
+    if predictors:
+        head_dim = backbone.hidden_size // backbone.num_attention_heads
+        heads, bs = backbone.num_attention_heads, config.block_size
+        for layer in config.skim_layers:
+            blocks = -(-tokens_per_layer[layer] // bs)
+            total += diagonal_block_flops(blocks, heads, head_dim, bs)
+            total += predictor_flops(blocks - protected_blocks, heads, bs)
+    return total
+
+
+def ideal_speedup(tokens_per_layer: Sequence[float]) -> float:
+    """Paper Eq. 4, `L / sum_i prod_{j<i} m_j`, written with the tokens each layer processes.
+
+    With `m_j` the fraction of its input that layer j passes on, layer i processes `n_0 * prod_{j<i} m_j` tokens,
+    so the speedup is `L * n_0 / sum_i n_i` (linear in length; attention is quadratic, so real savings are a bit
+    larger).
+
+    Args:
+        tokens_per_layer (`Sequence[float]`): tokens entering each layer (e.g. a row of `kept_token_counts`).
+    """
+    return len(tokens_per_layer) * tokens_per_layer[0] / sum(tokens_per_layer)
+
+
+def count_flops(function: Callable[[], object]) -> int:
+    """FLOPs that `torch.utils.flop_counter` measures while `function()` runs."""
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return counter.get_total_flops()
