@@ -1,0 +1,299 @@
+"""`BlockSkimTrainer`: joint Block-Skim training and the evaluation that shows what skimming costs and buys.
+
+Training (paper section 3.3) minimises `L_QA + alpha * combine_layers(CE_beta(block logits, block labels))` on the
+full sequence; the model computes that loss itself from its config, so the run's alpha/beta/reduction are written
+into `model.config` (and hence into every saved checkpoint) and the two terms are logged separately.
+
+Evaluation of a Block-Skim model runs twice over the same features: without skimming (EM/F1 and the predictors'
+accuracy and recall of answer-holding blocks at the run's tau) and with skimming at tau (EM/F1, the fraction of
+real tokens each layer kept, the answer blocks that survived, and the FLOPs speedup against the same model without
+skimming, from the analytic count in `modeling_blockskim.flops`). A model without predictors (the vanilla baseline,
+trained by the same script) is evaluated once, as any QA model.
+
+Written against the transformers 5.x Trainer API: `compute_loss(model, inputs, return_outputs, num_items_in_batch)`,
+`processing_class`, `evaluation_loop`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import EvalPrediction, Trainer
+from transformers.trainer_pt_utils import nested_gather
+from transformers.trainer_utils import PredictionOutput, speed_metrics
+
+from .flops import forward_flops
+from .skimming_blockskim import IGNORE_INDEX, any_per_block, protected_token_mask
+
+PostProcessFunction = Callable[[Dataset, Dataset, Any, Any], tuple[list[dict], list[dict]]]
+"""(examples, features, start_logits, end_logits) -> (predictions, references) in the SQuAD metric's format."""
+
+
+class BlockSkimTrainer(Trainer):
+    """A `Trainer` for extractive QA that trains the skim predictors jointly and evaluates with and without skimming.
+
+    Args:
+        eval_examples (`datasets.Dataset`, *optional*): the examples (questions with contexts) behind
+            `eval_dataset`'s features, needed to turn logits into answers.
+        post_process_function (`PostProcessFunction`, *optional*): logits -> answers and references, e.g.
+            `modeling_blockskim.data.postprocess_qa_predictions` with the run's settings bound.
+        harmony_coefficient, balance_factor (`float`, *optional*): alpha and beta for this run; default to the
+            model config's values.
+        skim_loss_reduction (`"sum"` or `"mean"`, *optional*): how layer terms combine; defaults to the config's.
+        skim_threshold (`float`, *optional*): tau used for skimming evaluation and predictor recall; defaults to
+            the config's.
+        All other arguments are those of `transformers.Trainer`; `compute_metrics` receives
+        `EvalPrediction(predictions=answers, label_ids=references)` after post-processing.
+    """
+
+    def __init__(
+        self,
+        *args,
+        eval_examples: Dataset | None = None,
+        post_process_function: PostProcessFunction | None = None,
+        harmony_coefficient: float | None = None,
+        balance_factor: float | None = None,
+        skim_loss_reduction: str | None = None,
+        skim_threshold: float | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.eval_examples = eval_examples
+        self.post_process_function = post_process_function
+        if self._is_block_skim:
+            overrides = {
+                "harmony_coefficient": harmony_coefficient,
+                "balance_factor": balance_factor,
+                "skim_loss_reduction": skim_loss_reduction,
+                "skim_threshold": skim_threshold,
+            }
+            config = self.model.config
+            for name, value in overrides.items():
+                if value is not None:
+                    setattr(config, name, value)
+            config._validate_skim_settings(config.num_hidden_layers)
+        self._loss_parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._eval_statistics: dict[str, Any] = {}
+
+    @property
+    def _is_block_skim(self) -> bool:
+        return len(getattr(self.accelerator.unwrap_model(self.model), "skim_predictors", ())) > 0
+
+    # Training ----------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's joint loss; while training, its QA and skim terms are kept for the next log line."""
+        has_labels = inputs.get("start_positions") is not None and inputs.get("end_positions") is not None
+        if not (self._is_block_skim and has_labels):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = model(**inputs, output_skim_details=True)
+        if model.training:
+            self._loss_parts["qa_loss"].append(outputs.qa_loss.detach())
+            self._loss_parts["skim_loss"].append(outputs.skim_loss.detach())
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._loss_parts:
+            for name, values in self._loss_parts.items():
+                logs[name] = nested_gather(torch.stack(values), self.args.parallel_mode).float().mean().item()
+            self._loss_parts.clear()
+        super().log(logs, start_time)
+
+    # Evaluation --------------------------------------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        eval_dataset: Dataset | None = None,
+        eval_examples: Dataset | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """EM/F1 without skimming and, for a Block-Skim model, with skimming at tau plus its cost statistics.
+
+        Metric names: `{prefix}_exact_match`, `{prefix}_f1` (no skimming), `{prefix}_skim_exact_match`,
+        `{prefix}_skim_f1`, `{prefix}_skim_flops_speedup`, `{prefix}_skim_ideal_speedup`,
+        `{prefix}_skim_kept_fraction_layer_<i>`, `{prefix}_skim_answer_block_recall`, and per predictor layer
+        `{prefix}_predictor_accuracy_layer_<i>` / `{prefix}_predictor_recall_layer_<i>`.
+        """
+        features = self.eval_dataset if eval_dataset is None else eval_dataset
+        examples = self.eval_examples if eval_examples is None else eval_examples
+        start_time = time.time()
+        metrics = self._evaluate_passes(features, examples, ignore_keys, metric_key_prefix, "Evaluation")
+        metrics.update(
+            speed_metrics(
+                metric_key_prefix,
+                start_time,
+                num_samples=len(features),
+                num_steps=math.ceil(len(features) / (self.args.eval_batch_size * self.args.world_size)),
+            )
+        )
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def predict(
+        self,
+        predict_dataset: Dataset,
+        predict_examples: Dataset,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "predict",
+    ) -> PredictionOutput:
+        """Answers for `predict_examples` as the model is configured to run (skimming on for Block-Skim models).
+
+        Returns:
+            `PredictionOutput` whose `predictions` are the post-processed answers, `label_ids` the references and
+            `metrics` EM/F1 plus skim statistics when references and `compute_metrics` are available.
+        """
+        skim = self._is_block_skim and self.accelerator.unwrap_model(self.model).config.skim_at_inference
+        answers, references, output = self._run_pass(
+            predict_dataset, predict_examples, ignore_keys, skim, "Prediction"
+        )
+        metrics = self._pass_metrics(answers, references, output, skim)
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in metrics.items()}
+        return PredictionOutput(predictions=answers, label_ids=references, metrics=metrics)
+
+    def _evaluate_passes(
+        self, features: Dataset, examples: Dataset, ignore_keys, metric_key_prefix: str, description: str
+    ) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for skim in (False, True) if self._is_block_skim else (False,):
+            answers, references, output = self._run_pass(features, examples, ignore_keys, skim, description)
+            prefix = f"{metric_key_prefix}_skim_" if skim else f"{metric_key_prefix}_"
+            for name, value in self._pass_metrics(answers, references, output, skim).items():
+                metrics[prefix + name] = value
+        return metrics
+
+    def _run_pass(self, features: Dataset, examples: Dataset, ignore_keys, skim: bool, description: str):
+        """One evaluation loop over `features`, skimming or not, and its post-processed answers."""
+        if self.post_process_function is None or examples is None:
+            raise ValueError("BlockSkimTrainer needs eval_examples and post_process_function to evaluate QA.")
+        compute_metrics, self.compute_metrics = self.compute_metrics, None  # metrics need answers, not logits
+        self._eval_statistics = defaultdict(float)
+        try:
+            with self._skimming(skim):
+                output = self.evaluation_loop(
+                    self.get_eval_dataloader(features),
+                    description=f"{description} ({'skimming' if skim else 'no skimming'})",
+                    prediction_loss_only=False,
+                    ignore_keys=ignore_keys,
+                )
+        finally:
+            self.compute_metrics = compute_metrics
+        start_logits, end_logits = output.predictions[:2]
+        answers, references = self.post_process_function(examples, features, start_logits, end_logits)
+        return answers, references, output
+
+    def _pass_metrics(self, answers, references, output, skim: bool) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.compute_metrics is not None and references:
+            metrics.update(self.compute_metrics(EvalPrediction(predictions=answers, label_ids=references)))
+        if output.metrics.get("eval_loss") is not None:
+            metrics["loss"] = output.metrics["eval_loss"]
+        if self._is_block_skim:
+            metrics.update(self._statistics_metrics(skim))
+        return metrics
+
+    @contextlib.contextmanager
+    def _skimming(self, skim: bool) -> Iterator[None]:
+        """Switch the model's default skimming for one evaluation loop (restored afterwards)."""
+        config = self.accelerator.unwrap_model(self.model).config
+        if not hasattr(config, "skim_at_inference"):
+            yield
+            return
+        previous = config.skim_at_inference
+        config.skim_at_inference = skim
+        try:
+            yield
+        finally:
+            config.skim_at_inference = previous
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Start/end logits as usual; for a Block-Skim model also accumulate its skim statistics."""
+        if not self._is_block_skim:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        has_labels = inputs.get("start_positions") is not None and inputs.get("end_positions") is not None
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs, output_skim_details=True)
+        self._accumulate_statistics(inputs, outputs)
+        loss = outputs.loss.detach().mean() if has_labels else None
+        if prediction_loss_only:
+            return loss, None, None
+        labels = (inputs["start_positions"], inputs["end_positions"]) if has_labels else None
+        return loss, (outputs.start_logits, outputs.end_logits), labels
+
+    def _accumulate_statistics(self, inputs: dict[str, torch.Tensor], outputs) -> None:
+        """Per pass: real tokens per layer, analytic FLOPs with and without skimming, predictor confusion counts."""
+        config = self.accelerator.unwrap_model(self.model).config
+        stats = self._eval_statistics
+        counts = outputs.kept_token_counts  # (B, layers)
+        stats.setdefault("kept_tokens", torch.zeros(counts.shape[1], dtype=torch.float64))
+        stats["kept_tokens"] = stats["kept_tokens"] + counts.sum(dim=0).double().cpu()
+        protected = self._protected_blocks(inputs, config)  # (B,)
+        layers = config.num_hidden_layers
+        for row, protected_count in zip(counts.tolist(), protected.tolist(), strict=True):
+            stats["flops"] += forward_flops(config, row, protected_blocks=protected_count)
+            stats["baseline_flops"] += forward_flops(config, [row[0]] * layers, predictors=False)
+        if outputs.block_labels is None:
+            return
+        labels = outputs.block_labels[:, None, :]  # (B, 1, K)
+        labelled = labels != IGNORE_INDEX
+        positive = labels == 1
+        keep = outputs.block_logits.float().softmax(dim=-1)[..., 1] >= config.skim_threshold  # (B, P, K)
+        stats["labelled"] = stats.get("labelled", 0) + labelled.sum(dim=(0, 2)).double().cpu()
+        stats["correct"] = stats.get("correct", 0) + ((keep == positive) & labelled).sum(dim=(0, 2)).double().cpu()
+        stats["positive"] = stats.get("positive", 0) + positive.sum(dim=(0, 2)).double().cpu()
+        stats["recalled"] = stats.get("recalled", 0) + (keep & positive).sum(dim=(0, 2)).double().cpu()
+        survived = outputs.block_keep_mask[:, -1] & (outputs.block_labels == 1)
+        stats["answer_blocks"] += float((outputs.block_labels == 1).sum())
+        stats["answer_blocks_kept"] += float(survived.sum())
+
+    @staticmethod
+    def _protected_blocks(inputs: dict[str, torch.Tensor], config) -> torch.Tensor:
+        input_ids = inputs["input_ids"]
+        valid = inputs.get("attention_mask", torch.ones_like(input_ids)).bool()
+        protected = protected_token_mask(input_ids, valid, config.sep_token_id)
+        pad = -input_ids.shape[1] % config.block_size
+        return any_per_block(torch.nn.functional.pad(protected, (0, pad)), config.block_size).sum(dim=1).cpu()
+
+    def _statistics_metrics(self, skim: bool) -> dict[str, float]:
+        stats = {name: self._reduce(value) for name, value in self._eval_statistics.items()}
+        if "kept_tokens" not in stats:
+            return {}
+        kept = stats["kept_tokens"]
+        metrics: dict[str, float] = {}
+        if skim:
+            for layer, value in enumerate(kept.tolist()):
+                metrics[f"kept_fraction_layer_{layer}"] = value / kept[0].item()
+            metrics["ideal_speedup"] = len(kept) * kept[0].item() / kept.sum().item()
+            metrics["flops_speedup"] = stats["baseline_flops"] / stats["flops"]
+            if stats.get("answer_blocks"):
+                metrics["answer_block_recall"] = stats["answer_blocks_kept"] / stats["answer_blocks"]
+            return metrics
+        if "labelled" in stats:
+            config = self.accelerator.unwrap_model(self.model).config
+            for position, layer in enumerate(config.skim_layers):
+                if stats["labelled"][position] > 0:
+                    metrics[f"predictor_accuracy_layer_{layer}"] = (
+                        stats["correct"][position] / stats["labelled"][position]
+                    ).item()
+                if stats["positive"][position] > 0:
+                    metrics[f"predictor_recall_layer_{layer}"] = (
+                        stats["recalled"][position] / stats["positive"][position]
+                    ).item()
+        return metrics
+
+    def _reduce(self, value):
+        """Sum a statistic over data-parallel processes."""
+        if self.args.world_size <= 1:
+            return value
+        tensor = torch.as_tensor(value, dtype=torch.float64, device=self.args.device)
+        reduced = self.accelerator.reduce(tensor, reduction="sum").cpu()
+        return reduced if reduced.dim() else reduced.item()

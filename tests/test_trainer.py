@@ -1,0 +1,116 @@
+"""BlockSkimTrainer: joint training lowers both losses, per-run alpha/beta overrides, separate loss logs, resuming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback, TrainingArguments
+
+from modeling_blockskim.loss_blockskim import skim_loss
+from modeling_blockskim.trainer import BlockSkimTrainer
+
+from .testing_utils import qa_batch, tiny_model
+
+
+def _features(rows: int = 8, seed: int = 0) -> Dataset:
+    """QA features with the answer inside the passage of every row."""
+    batch = qa_batch("bert", lengths=(40,) * rows, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randint(9, 30, (rows,), generator=generator)
+    batch["start_positions"] = start
+    batch["end_positions"] = start + torch.randint(0, 4, (rows,), generator=generator)
+    return Dataset.from_dict({name: tensor.tolist() for name, tensor in batch.items()})
+
+
+def _args(tmp_path, **overrides) -> TrainingArguments:
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        max_steps=40,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def test_a_few_steps_of_joint_training_lower_the_qa_and_skim_losses(tmp_path):
+    model = tiny_model("bert").train()
+    trainer = BlockSkimTrainer(model=model, args=_args(tmp_path), train_dataset=_features())
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "qa_loss" in entry]
+    assert len(logs) == 4
+    assert logs[-1]["qa_loss"] < logs[0]["qa_loss"] * 0.8
+    assert logs[-1]["skim_loss"] < logs[0]["skim_loss"] * 0.8
+    for entry in logs:  # the logged total is the model's joint loss
+        assert entry["loss"] == pytest.approx(entry["qa_loss"] + 0.1 * entry["skim_loss"], rel=1e-4)
+
+
+def test_run_overrides_of_alpha_and_beta_reach_the_model_config_and_its_loss(tmp_path):
+    model = tiny_model("bert")
+    BlockSkimTrainer(
+        model=model, args=_args(tmp_path), harmony_coefficient=0.5, balance_factor=50.0, skim_loss_reduction="mean"
+    )
+    assert (model.config.harmony_coefficient, model.config.balance_factor) == (0.5, 50.0)
+    features = _features()[:4]
+    batch = {name: torch.tensor(values) for name, values in features.items()}
+    with torch.no_grad():
+        output = model(**batch, output_skim_details=True)
+    expected = skim_loss(output.block_logits, output.block_labels, balance_factor=50.0, reduction="mean")
+    torch.testing.assert_close(output.skim_loss, expected)
+    torch.testing.assert_close(output.loss, output.qa_loss + 0.5 * expected)
+
+
+def test_invalid_run_override_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="balance_factor"):
+        BlockSkimTrainer(model=tiny_model("bert"), args=_args(tmp_path), balance_factor=-2.0)
+
+
+def test_skim_loss_weights_positive_blocks_by_beta():
+    # One layer, two labelled blocks: a positive with P(keep)=0.5 and a negative with P(keep)=0.5.
+    logits = torch.zeros(1, 1, 3, 2)
+    labels = torch.tensor([[1, 0, -100]])
+    # Every labelled block costs log 2; the weighted mean is log 2 for any beta ...
+    assert skim_loss(logits, labels, balance_factor=20.0).item() == pytest.approx(0.6931472)
+    # ... while a confident miss on the positive block weighs beta times more than one on the negative block.
+    logits[0, 0, 0] = torch.tensor([4.0, 0.0])  # says "skim" on the answer block
+    miss = torch.nn.functional.cross_entropy(torch.tensor([[4.0, 0.0]]), torch.tensor([1])).item()
+    for beta in (1.0, 20.0):
+        expected = (beta * miss + 1.0 * 0.6931472) / (beta + 1.0)
+        assert skim_loss(logits, labels, balance_factor=beta).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_skim_loss_sums_layers_by_default_and_averages_on_request():
+    logits = torch.zeros(1, 3, 2, 2)
+    labels = torch.tensor([[1, 0]])
+    assert skim_loss(logits, labels, 20.0, "sum").item() == pytest.approx(3 * 0.6931472)
+    assert skim_loss(logits, labels, 20.0, "mean").item() == pytest.approx(0.6931472)
+
+
+class _CountSteps(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def test_resume_from_checkpoint_continues_from_the_saved_step(tmp_path):
+    features = _features()
+    args = _args(tmp_path, max_steps=6, save_strategy="steps", save_steps=3, logging_steps=1)
+    BlockSkimTrainer(model=tiny_model("bert"), args=args, train_dataset=features).train()
+    assert (tmp_path / "checkpoint-3").is_dir() and (tmp_path / "checkpoint-6").is_dir()
+
+    counter = _CountSteps()
+    resumed = BlockSkimTrainer(
+        model=tiny_model("bert", seed=1), args=args, train_dataset=features, callbacks=[counter]
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert counter.steps == [4, 5, 6]
+    assert resumed.state.global_step == 6
