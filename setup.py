@@ -12,7 +12,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["modeling_blockskim", "modeling_blockskim.*"]),
+    # The SQuAD metric script is an `evaluate` module loaded by path, so its folder ships as data of a package.
+    packages=[
+        *find_packages(include=["modeling_blockskim", "modeling_blockskim.*"]),
+        "modeling_blockskim.metrics.squad_blockskim",
+    ],
     include_package_data=True,
     package_data={"modeling_blockskim": ["py.typed"]},
     install_requires=[
