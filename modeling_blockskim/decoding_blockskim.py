@@ -46,21 +46,26 @@ class DecodedAnswers:
 def _window_candidates(
     window: WindowLogits, max_answer_len: int, handle_impossible_answer: bool
 ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
-    """All valid spans of one window: (scores (N,), start/end token pairs (N, 2)), plus its null score."""
+    """All valid spans of one window: (scores (N,), start/end token pairs (N, 2)), plus its null score.
+
+    Only the band `start <= end < start + max_answer_len` is scored: O(length * max_answer_len), not length^2.
+    """
     length = window.start_logits.shape[0]
-    is_context = torch.tensor([offset is not None for offset in window.offsets[:length]], dtype=torch.bool)
-    if is_context.shape[0] < length:
-        is_context = torch.nn.functional.pad(is_context, (0, length - is_context.shape[0]))
+    is_context = torch.zeros(length, dtype=torch.bool)
+    context_positions = [index for index, offset in enumerate(window.offsets[:length]) if offset is not None]
+    is_context[context_positions] = True
     allowed = is_context.clone()
     if handle_impossible_answer:
         allowed[window.null_index] = True
     start = window.start_logits.float().masked_fill(~allowed, float("-inf")).softmax(dim=0)  # (L,)
     end = window.end_logits.float().masked_fill(~allowed, float("-inf")).softmax(dim=0)  # (L,)
-    scores = start[:, None] * end[None, :]  # (L, L)
-    positions = torch.arange(length)
-    width = positions[None, :] - positions[:, None]  # end - start
-    valid = (width >= 0) & (width < max_answer_len) & is_context[:, None] & is_context[None, :]
-    pairs = valid.nonzero()  # (N, 2)
+    ends = torch.arange(length)[:, None] + torch.arange(max_answer_len)[None, :]  # (L, W): end of each span
+    inside = ends < length
+    ends = ends.clamp(max=length - 1)
+    valid = inside & is_context[:, None] & is_context[ends]  # (L, W)
+    scores = start[:, None] * end[ends]  # (L, W)
+    starts_, widths = valid.nonzero(as_tuple=True)
+    pairs = torch.stack([starts_, starts_ + widths], dim=1)  # (N, 2)
     null_score = float(start[window.null_index] * end[window.null_index]) if handle_impossible_answer else None
     return scores[valid], pairs, null_score
 
@@ -103,7 +108,8 @@ def decode_answers(
             if score > best.get(span, -1.0):
                 best[span] = score
     answers = [
-        {"score": score, "start": start, "end": end, "answer": context[start:end]} for (start, end), score in best.items()
+        {"score": score, "start": start, "end": end, "answer": context[start:end]}
+        for (start, end), score in best.items()
     ]
     null_score = min(null_scores) if null_scores else None
     if null_score is not None:
