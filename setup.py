@@ -31,7 +31,10 @@ setup(
         "accelerate>=1.0",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.8"],
+        # PNG skim maps (the HTML report needs nothing extra).
+        "viz": ["matplotlib>=3.7"],
+        # olah serves the Hub API offline for the pull tests.
+        "dev": ["pytest>=8", "ruff>=0.8", "olah>=0.5", "matplotlib>=3.7"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
