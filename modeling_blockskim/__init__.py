@@ -6,6 +6,7 @@ with `trust_remote_code=True`). This is the only place where registration happen
 """
 
 from transformers import AutoConfig, AutoModelForQuestionAnswering
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_blockskim import BlockSkimConfig
 from .modeling_blockskim import (
@@ -14,6 +15,7 @@ from .modeling_blockskim import (
     BlockSkimPreTrainedModel,
     BlockSkimQuestionAnsweringOutput,
 )
+from .pipeline_blockskim import BlockSkimQuestionAnsweringPipeline
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,12 @@ AutoConfig.register(BlockSkimConfig.model_type, BlockSkimConfig, exist_ok=True)
 AutoModelForQuestionAnswering.register(BlockSkimConfig, BlockSkimForQuestionAnswering, exist_ok=True)
 BlockSkimConfig.register_for_auto_class()
 BlockSkimForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
+PIPELINE_REGISTRY.register_pipeline(
+    "question-answering",
+    pipeline_class=BlockSkimQuestionAnsweringPipeline,
+    pt_model=AutoModelForQuestionAnswering,
+    type="text",
+)
 
 __all__ = [
     "SKIMMED_LOGIT",
@@ -28,4 +36,5 @@ __all__ = [
     "BlockSkimForQuestionAnswering",
     "BlockSkimPreTrainedModel",
     "BlockSkimQuestionAnsweringOutput",
+    "BlockSkimQuestionAnsweringPipeline",
 ]

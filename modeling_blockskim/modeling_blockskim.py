@@ -26,6 +26,7 @@ from transformers.utils.generic import can_return_tuple
 from .attention_blockskim import BLOCKSKIM_ATTENTION, AttentionProbe
 from .configuration_blockskim import BlockSkimConfig
 from .loss_blockskim import question_answering_loss, skim_loss
+from .pipeline_blockskim import BlockSkimQuestionAnsweringPipeline
 from .predictor_blockskim import BlockSkimPredictor
 from .skimming_blockskim import (
     IGNORE_INDEX,
@@ -38,6 +39,16 @@ from .skimming_blockskim import (
     scatter_to_input,
     to_original_blocks,
 )
+
+CUSTOM_PIPELINES = {
+    "question-answering": {
+        "impl": f"pipeline_blockskim.{BlockSkimQuestionAnsweringPipeline.__name__}",
+        "pt": ["AutoModelForQuestionAnswering"],
+        "type": "text",
+    }
+}
+"""Declared in every saved config: transformers 5 has no stock QA pipeline, so checkpoints carry this one (the import
+above also makes `save_pretrained` copy `pipeline_blockskim.py` next to the weights)."""
 
 SKIMMED_LOGIT = -10_000.0
 """Start/end logit of skimmed positions: far below any real logit, and finite in fp16/bf16 even when a start and an
@@ -134,6 +145,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             }
         )
         self.qa_outputs = nn.Linear(backbone_config.hidden_size, 2)
+        config.custom_pipelines = CUSTOM_PIPELINES
         self.post_init()
 
     @classmethod

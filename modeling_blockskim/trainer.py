@@ -194,7 +194,7 @@ class BlockSkimTrainer(Trainer):
         metrics: dict[str, float] = {}
         if self.compute_metrics is not None and references:
             metrics.update(self.compute_metrics(EvalPrediction(predictions=answers, label_ids=references)))
-        if output.metrics.get("eval_loss") is not None:
+        if output.metrics.get("eval_loss") is not None and not skim:  # skimmed positions make a QA loss meaningless
             metrics["loss"] = output.metrics["eval_loss"]
         if self._is_block_skim:
             metrics.update(self._statistics_metrics(skim))
@@ -243,10 +243,10 @@ class BlockSkimTrainer(Trainer):
             stats["baseline_flops"] += forward_flops(config, [row[0]] * layers, predictors=False)
         if outputs.block_labels is None:
             return
-        labels = outputs.block_labels[:, None, :]  # (B, 1, K)
+        keep = outputs.block_logits.float().softmax(dim=-1)[..., 1] >= config.skim_threshold  # (B, P, K)
+        labels = outputs.block_labels[:, None, :].expand_as(keep)  # (B, P, K)
         labelled = labels != IGNORE_INDEX
         positive = labels == 1
-        keep = outputs.block_logits.float().softmax(dim=-1)[..., 1] >= config.skim_threshold  # (B, P, K)
         stats["labelled"] = stats.get("labelled", 0) + labelled.sum(dim=(0, 2)).double().cpu()
         stats["correct"] = stats.get("correct", 0) + ((keep == positive) & labelled).sum(dim=(0, 2)).double().cpu()
         stats["positive"] = stats.get("positive", 0) + positive.sum(dim=(0, 2)).double().cpu()

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from transformers import AutoConfig, AutoModelForQuestionAnswering
 import modeling_blockskim
 from modeling_blockskim import BlockSkimForQuestionAnswering
 
-from .testing_utils import qa_batch, tiny_model
+from .testing_utils import qa_batch, run_without_package, tiny_model
 
 PACKAGE_DIR = Path(modeling_blockskim.__file__).parent
 REMOTE_CODE_FILES = {
@@ -28,25 +25,11 @@ REMOTE_CODE_FILES = {
     "predictor_blockskim.py",
     "skimming_blockskim.py",
     "loss_blockskim.py",
+    "pipeline_blockskim.py",
+    "decoding_blockskim.py",
 }
-
-_BLOCK_PACKAGE = """
-import importlib.abc, sys
-class _NoBlockSkim(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "modeling_blockskim" or name.startswith("modeling_blockskim."):
-            raise ModuleNotFoundError(f"blocked for the test: {name}")
-sys.meta_path.insert(0, _NoBlockSkim())
-"""
-
-
-def _run_isolated(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run code in a fresh interpreter where `modeling_blockskim` cannot be imported and nothing reaches the Hub."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
-    script = _BLOCK_PACKAGE + textwrap.dedent(code)
-    return subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+"""What `model.save_pretrained` copies: the model file and everything it reaches through relative imports, the
+question-answering pipeline included."""
 
 
 @pytest.fixture
@@ -65,6 +48,9 @@ def test_save_writes_auto_map_safetensors_and_flat_remote_code(saved_checkpoint)
         "AutoModelForQuestionAnswering": "modeling_blockskim.BlockSkimForQuestionAnswering",
     }
     assert (checkpoint / "model.safetensors").is_file()
+    assert config["custom_pipelines"]["question-answering"]["impl"] == (
+        "pipeline_blockskim.BlockSkimQuestionAnsweringPipeline"
+    )
     assert {path.name for path in checkpoint.glob("*.py")} == REMOTE_CODE_FILES
 
 
@@ -72,7 +58,7 @@ def test_remote_code_loads_with_identical_logits_where_the_package_is_not_import
     model, checkpoint = saved_checkpoint
     batch = qa_batch("bert")
     torch.save(batch, tmp_path / "batch.pt")
-    result = _run_isolated(
+    result = run_without_package(
         f"""
         import torch
         try:
@@ -102,7 +88,7 @@ def test_remote_code_loads_with_identical_logits_where_the_package_is_not_import
 
 def test_without_the_package_and_without_trust_remote_code_loading_is_refused(saved_checkpoint, tmp_path):
     _, checkpoint = saved_checkpoint
-    result = _run_isolated(
+    result = run_without_package(
         f"""
         from transformers import AutoModelForQuestionAnswering
         AutoModelForQuestionAnswering.from_pretrained({str(checkpoint)!r}, trust_remote_code=False)

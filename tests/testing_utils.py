@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import torch
 from transformers import BertConfig, ElectraConfig, RobertaConfig
 
@@ -11,6 +17,27 @@ BLOCK_SIZE = 8
 SEP_TOKEN_ID = {"bert": 3, "roberta": 2, "electra": 3}
 CLS_TOKEN_ID = {"bert": 2, "roberta": 0, "electra": 2}
 PAD_TOKEN_ID = {"bert": 0, "roberta": 1, "electra": 0}
+
+_BLOCK_PACKAGE = """
+import importlib.abc, sys
+class _NoBlockSkim(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "modeling_blockskim" or name.startswith("modeling_blockskim."):
+            raise ModuleNotFoundError(f"blocked for the test: {name}")
+sys.meta_path.insert(0, _NoBlockSkim())
+"""
+
+
+def run_without_package(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter where `modeling_blockskim` cannot be imported and nothing reaches the Hub.
+
+    This is how a checkpoint's remote code is used by someone who never installed this package.
+    """
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
+    script = _BLOCK_PACKAGE + textwrap.dedent(code)
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def tiny_backbone_config(backbone: str, num_hidden_layers: int = 3):
