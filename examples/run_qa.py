@@ -121,7 +121,13 @@ class BlockSkimArguments:
     harmony_coefficient: float = field(default=0.1, metadata={"help": "alpha: weight of the skim loss."})
     balance_factor: float = field(default=20.0, metadata={"help": "beta: weight of answer-holding blocks."})
     skim_loss_reduction: str = field(default="sum", metadata={"help": "'sum' (paper) or 'mean' over layers."})
-    skim_threshold: float = field(default=0.01, metadata={"help": "tau: keep a block when P(keep) >= tau."})
+    skim_threshold: float | None = field(
+        default=None,
+        metadata={"help": "tau: keep a block when P(keep) >= tau (default: 0.01, or a saved checkpoint's own)."},
+    )
+    skim_predictor_learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate of the new skim predictors (default: --learning_rate)."}
+    )
 
 
 def parse_arguments() -> tuple[ModelArguments, DataTrainingArguments, BlockSkimArguments, TrainingArguments]:
@@ -195,7 +201,7 @@ def load_model(model_args: ModelArguments, skim_args: BlockSkimArguments):
             harmony_coefficient=skim_args.harmony_coefficient,
             balance_factor=skim_args.balance_factor,
             skim_loss_reduction=skim_args.skim_loss_reduction,
-            skim_threshold=skim_args.skim_threshold,
+            skim_threshold=0.01 if skim_args.skim_threshold is None else skim_args.skim_threshold,
             **hub_kwargs,
         )
     return AutoModelForQuestionAnswering.from_pretrained(
@@ -315,6 +321,8 @@ def main() -> dict[str, float]:
         ),
         post_process_function=post_process,
         compute_metrics=compute_metrics,
+        skim_predictor_learning_rate=skim_args.skim_predictor_learning_rate,
+        skim_threshold=skim_args.skim_threshold,
     )
 
     all_metrics: dict[str, float] = {}

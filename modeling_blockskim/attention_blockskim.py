@@ -52,34 +52,57 @@ def _key_bias(key_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias[:, None, None, :]
 
 
-def _attention_with_lse(
+def _eager_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    bias: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float,
     training: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Textbook attention returning (output (B, H, L, d), row log-sum-exp (B, H, L) in float32); differentiable."""
+) -> torch.Tensor:
+    """Textbook attention, (B, H, L, d), for the `"eager"` implementation; takes a boolean or additive mask."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, L, L)
-    if bias is not None:
-        scores = scores + bias
-    lse = torch.logsumexp(scores.float(), dim=-1)  # (B, H, L)
-    probs = torch.exp(scores.float() - lse.unsqueeze(-1)).to(value.dtype)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     probs = nn.functional.dropout(probs, p=dropout, training=training)
-    return torch.matmul(probs, value), lse
+    return torch.matmul(probs, value)
 
 
-def _fused_attention_with_lse(
+def _cpu_flash_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The CPU flash-attention kernel behind SDPA, which also returns the row log-sum-exp (inference only)."""
+    """The CPU flash-attention kernel behind SDPA, which also returns the row log-sum-exp; `None` off CPU."""
     fused = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if fused is None or query.device.type != "cpu":
         return None
     output, lse = fused(query, key, value, 0.0, False, attn_mask=bias, scale=scaling)
     return output, lse.float()
+
+
+def row_logsumexp(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor, scaling: float) -> torch.Tensor:
+    """log sum_j exp(q_i . k_j * scale) over the valid keys, (B, H, L) float32, without gradient.
+
+    On CPU the fused flash kernel returns it in O(L * d) memory; elsewhere query rows are processed in chunks so the
+    L x L scores never exist at once.
+    """
+    with torch.no_grad():
+        fused = _cpu_flash_attention(query, key, key, _key_bias(key_valid, query.dtype), scaling)
+        if fused is not None:
+            return fused[1]
+        batch, heads, length, _ = query.shape
+        bias = _key_bias(key_valid, torch.float32)  # (B, 1, 1, L)
+        rows = max(1, (1 << 26) // max(1, batch * heads * length))  # about 256 MB of float32 scores per chunk
+        keys = key.float().transpose(-1, -2)  # (B, H, d, L)
+        chunks = [
+            torch.logsumexp(torch.matmul(chunk.float(), keys) * scaling + bias, dim=-1)
+            for chunk in query.split(rows, dim=2)
+        ]
+        return torch.cat(chunks, dim=2)
 
 
 def diagonal_block_probabilities(
@@ -109,6 +132,69 @@ def diagonal_block_probabilities(
     return torch.exp(scores + bias - lse.view(batch, heads, num_blocks, block_size, 1))
 
 
+class _DiagonalBlockProbabilities(torch.autograd.Function):
+    """Diagonal-block probabilities with the exact gradient, in O(L * d) memory.
+
+    With `P_ij = exp(s_ij - lse_i)` and `s_ij = scale * q_i . k_j + bias_j`, an upstream gradient G on the diagonal
+    blocks gives `dL/ds_ij = G_ij P_ij` inside the blocks and `dL/dlse_i = g_i = -sum_j G_ij P_ij`. The log-sum-exp
+    spreads `g_i` over the whole row: `dL/dq_i += scale * g_i * (P K)_i` and `dL/dk = scale * P^T (g * Q)`. Both
+    come from one fused SDPA call with `V = K`: its output is `P K`, and its gradient with respect to V for the
+    output gradient `g * Q` is `P^T (g * Q)`. So the L x L probabilities are never stored, as in flash attention.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, key_valid, scaling: float, block_size: int):
+        lse = row_logsumexp(query, key, key_valid, scaling)
+        probs = diagonal_block_probabilities(query, key, key_valid, lse, scaling, block_size)
+        ctx.save_for_backward(query, key, key_valid, probs)
+        ctx.scaling, ctx.block_size = scaling, block_size
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_probs):
+        query, key, key_valid, probs = ctx.saved_tensors
+        scaling, block_size = ctx.scaling, ctx.block_size
+        num_blocks = query.shape[2] // block_size
+        score_grad = grad_probs * probs  # (B, H, K, bs, bs): dL/ds inside the diagonal blocks
+        lse_grad = -score_grad.sum(dim=-1).flatten(2)  # (B, H, L)
+        query_blocks = query.float().unflatten(2, (num_blocks, block_size))
+        key_blocks = key.float().unflatten(2, (num_blocks, block_size))
+        grad_query = scaling * torch.matmul(score_grad, key_blocks).flatten(2, 3)  # (B, H, L, d)
+        grad_key = scaling * torch.matmul(score_grad.transpose(-1, -2), query_blocks).flatten(2, 3)
+        with torch.enable_grad():
+            values = key.detach().requires_grad_(True)
+            probs_times_keys = nn.functional.scaled_dot_product_attention(
+                query.detach(), key.detach(), values, attn_mask=_key_bias(key_valid, query.dtype), scale=scaling
+            )  # (B, H, L, d) = P K
+            (transposed,) = torch.autograd.grad(
+                probs_times_keys, values, grad_outputs=(lse_grad[..., None] * query.float()).to(query.dtype)
+            )  # P^T (g * Q)
+        grad_query = grad_query + scaling * lse_grad[..., None] * probs_times_keys.float()
+        grad_key = grad_key + scaling * transposed.float()
+        return grad_query.to(query.dtype), grad_key.to(key.dtype), None, None, None
+
+
+def diagonal_block_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    key_valid: torch.Tensor,
+    scaling: float,
+    block_size: int,
+    lse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Diagonal-block attention probabilities `(B, H, K, bs, bs)`, differentiable when the inputs require it.
+
+    Args:
+        lse (`torch.Tensor`, *optional*): the rows' log-sum-exp when the attention kernel already produced it
+            (only used without gradient).
+    """
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        return _DiagonalBlockProbabilities.apply(query, key, key_valid, scaling, block_size)
+    if lse is None:
+        lse = row_logsumexp(query, key, key_valid, scaling)
+    return diagonal_block_probabilities(query, key, key_valid, lse, scaling, block_size)
+
+
 def blockskim_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -126,28 +212,26 @@ def blockskim_attention_forward(
     """
     probe = blockskim_probe if blockskim_probe is not None else AttentionProbe(implementation="sdpa")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if probe.block_size is None:
-        if probe.implementation == "eager":
-            bias = attention_mask
-            if bias is not None and bias.dtype == torch.bool:
-                bias = torch.zeros_like(bias, dtype=query.dtype).masked_fill_(~bias, torch.finfo(query.dtype).min)
-            output, _ = _attention_with_lse(query, key, value, bias, scaling, dropout, module.training)
-            return output.transpose(1, 2).contiguous(), None
+    dropout = dropout if module.training else 0.0
+    output = lse = None  # output as transformers implementations return it: (B, L, H, d)
+    if probe.block_size is not None:
+        if probe.key_valid is None:
+            raise ValueError("AttentionProbe.key_valid is required when block probabilities are requested.")
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        if probe.implementation == "sdpa" and not needs_grad and dropout == 0.0:
+            # At inference the fused kernel yields the output and the log-sum-exp in one pass.
+            fused = _cpu_flash_attention(query, key, value, _key_bias(probe.key_valid, query.dtype), scaling)
+            if fused is not None:
+                output, lse = fused[0].transpose(1, 2).contiguous(), fused[1]
+    if output is None and probe.implementation == "eager":
+        output = _eager_attention(query, key, value, attention_mask, scaling, dropout, module.training)
+        output = output.transpose(1, 2).contiguous()
+    elif output is None:
         inner = ALL_ATTENTION_FUNCTIONS[probe.implementation]
-        return inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-    if probe.key_valid is None:
-        raise ValueError("AttentionProbe.key_valid is required when block probabilities are requested.")
-    bias = _key_bias(probe.key_valid, query.dtype)
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    use_fused = probe.implementation == "sdpa" and not needs_grad and not (module.training and dropout > 0)
-    fused = _fused_attention_with_lse(query, key, value, bias, scaling) if use_fused else None
-    if fused is not None:
-        output, lse = fused
-    else:
-        output, lse = _attention_with_lse(query, key, value, bias, scaling, dropout, module.training)
-    probe.block_probs = diagonal_block_probabilities(query, key, probe.key_valid, lse, scaling, probe.block_size)
-    return output.transpose(1, 2).contiguous(), None
+        output, _ = inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if probe.block_size is not None:
+        probe.block_probs = diagonal_block_attention(query, key, probe.key_valid, scaling, probe.block_size, lse=lse)
+    return output, None
 
 
 AttentionInterface.register(BLOCKSKIM_ATTENTION, blockskim_attention_forward)

@@ -50,6 +50,9 @@ class BlockSkimTrainer(Trainer):
         skim_loss_reduction (`"sum"` or `"mean"`, *optional*): how layer terms combine; defaults to the config's.
         skim_threshold (`float`, *optional*): tau used for skimming evaluation and predictor recall; defaults to
             the config's.
+        skim_predictor_learning_rate (`float`, *optional*): peak learning rate of the (randomly initialised) skim
+            predictors, which may learn faster than the pretrained backbone tolerates; follows the same schedule.
+            Defaults to `args.learning_rate`.
         All other arguments are those of `transformers.Trainer`; `compute_metrics` receives
         `EvalPrediction(predictions=answers, label_ids=references)` after post-processing.
     """
@@ -63,9 +66,11 @@ class BlockSkimTrainer(Trainer):
         balance_factor: float | None = None,
         skim_loss_reduction: str | None = None,
         skim_threshold: float | None = None,
+        skim_predictor_learning_rate: float | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.skim_predictor_learning_rate = skim_predictor_learning_rate
         self.eval_examples = eval_examples
         self.post_process_function = post_process_function
         if self._is_block_skim:
@@ -89,6 +94,21 @@ class BlockSkimTrainer(Trainer):
         return len(getattr(self.accelerator.unwrap_model(self.model), "skim_predictors", ())) > 0
 
     # Training ----------------------------------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        """The usual optimizer; with `skim_predictor_learning_rate`, the predictors get their own parameter group."""
+        optimizer = super().create_optimizer(model)
+        if self.skim_predictor_learning_rate is None or not self._is_block_skim:
+            return optimizer
+        unwrapped = self.accelerator.unwrap_model(self.model if model is None else model)
+        predictor_ids = {id(p) for name, p in unwrapped.named_parameters() if name.startswith("skim_predictors.")}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in predictor_ids]
+            if moved:
+                group["params"] = [p for p in group["params"] if id(p) not in predictor_ids]
+                settings = {key: value for key, value in group.items() if key != "params"}
+                optimizer.add_param_group({**settings, "params": moved, "lr": self.skim_predictor_learning_rate})
+        return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The model's joint loss; while training, its QA and skim terms are kept for the next log line."""

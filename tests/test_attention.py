@@ -46,12 +46,28 @@ def test_probe_returns_the_diagonal_blocks_of_the_softmax_attention(requires_gra
     key_valid[1, 19:] = False
     scaling = 8**-0.5
     probe = AttentionProbe(implementation="sdpa", block_size=8, key_valid=key_valid)
-    output, _ = blockskim_attention_forward(_Module(), query, key, value, None, scaling=scaling, blockskim_probe=probe)
+    mask = key_valid[:, None, None, :]  # the model's own mask always agrees with key_valid
+    output, _ = blockskim_attention_forward(_Module(), query, key, value, mask, scaling=scaling, blockskim_probe=probe)
 
     reference = _reference_probabilities(query, key, key_valid, scaling)
     torch.testing.assert_close(probe.block_probs, _diagonal_blocks(reference, 8), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(output, (reference @ value).transpose(1, 2), atol=1e-5, rtol=1e-5)
     assert probe.block_probs.requires_grad == requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_probe_gradient_equals_autograd_through_the_full_softmax(dtype):
+    query, key, _ = [t.to(dtype).requires_grad_(True) for t in _qkv(length=32)]
+    key_valid = torch.ones(2, 32, dtype=torch.bool)
+    key_valid[0, 27:] = False
+    weights = torch.randn(2, 3, 4, 8, 8, dtype=dtype)
+    probe = AttentionProbe(implementation="sdpa", block_size=8, key_valid=key_valid)
+    blockskim_attention_forward(_Module(), query, key, query, key_valid[:, None, None, :], blockskim_probe=probe)
+    ours = torch.autograd.grad((probe.block_probs * weights).sum(), (query, key))
+    reference = _diagonal_blocks(_reference_probabilities(query, key, key_valid, 8**-0.5), 8)
+    expected = torch.autograd.grad((reference * weights).sum(), (query, key))
+    for got, want in zip(ours, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_probe_gradient_reaches_queries_and_keys():

@@ -114,3 +114,18 @@ def test_resume_from_checkpoint_continues_from_the_saved_step(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
     assert counter.steps == [4, 5, 6]
     assert resumed.state.global_step == 6
+
+
+def test_predictor_learning_rate_gives_the_predictors_their_own_parameter_group(tmp_path):
+    model = tiny_model("bert")
+    trainer = BlockSkimTrainer(
+        model=model, args=_args(tmp_path, learning_rate=1e-4), skim_predictor_learning_rate=3e-3
+    )
+    optimizer = trainer.create_optimizer()
+    predictor_ids = {id(p) for name, p in model.named_parameters() if name.startswith("skim_predictors.")}
+    for group in optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= predictor_ids or not ids & predictor_ids  # never mixed
+        assert group["lr"] == (3e-3 if ids & predictor_ids else 1e-4)
+    grouped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert grouped == {id(p) for p in model.parameters()}
