@@ -93,6 +93,13 @@ class DataTrainingArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N train examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval examples."})
+    train_subset_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Shuffle the train examples with this seed before --max_train_samples takes the first N, so a "
+            "subset spans many articles instead of the first few (SQuAD is ordered by article)."
+        },
+    )
     max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test examples."})
     version_2_with_negative: bool = field(default=False, metadata={"help": "Some questions have no answer."})
     null_score_diff_threshold: float = field(
@@ -258,7 +265,10 @@ def main() -> dict[str, float]:
         if training_args.do_train:
             if "train" not in raw:
                 raise ValueError("--do_train needs a train split (--train_file or --dataset_name).")
-            train_examples = select(raw["train"], data_args.max_train_samples)
+            train_examples = raw["train"]
+            if data_args.train_subset_seed is not None:
+                train_examples = train_examples.shuffle(seed=data_args.train_subset_seed)
+            train_examples = select(train_examples, data_args.max_train_samples)
             train_features = train_examples.map(
                 prepare_train_features,
                 remove_columns=train_examples.column_names,

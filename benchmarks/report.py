@@ -1,0 +1,242 @@
+"""Regenerate the tables and plots of BENCHMARKS.md from `benchmarks/results/*.json`.
+
+Only the part of BENCHMARKS.md between `<!-- results:begin -->` and `<!-- results:end -->` is rewritten; the prose
+around it is kept. Plots go to `benchmarks/plots/`.
+
+    python benchmarks/report.py                      # results/ -> BENCHMARKS.md + plots
+    python benchmarks/report.py --results DIR --markdown FILE --plots DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+TARGETS = {
+    "flops_vs_dynamic": 1.6,
+    "flops_vs_padded": 3.8,
+    "wall_batch_1": 1.3,
+    "wall_batch_16": 1.55,
+    "efficiency": 0.9,
+    "long_flops": 2.5,
+}
+
+
+def _title(result: dict[str, Any]) -> str:
+    setup = result["setup"]
+    name = (
+        "SQuAD v1.1 dev" if result["variant"] == "squad" else f"SQuAD-long ({setup['paragraphs_joined']} paragraphs)"
+    )
+    subset = f", random subset of {setup['questions']} questions" if setup.get("max_questions") else ""
+    return f"{name}, max_seq_length {setup['max_seq_length']}{subset}"
+
+
+def _label(name: str) -> str:
+    return {"vanilla": "vanilla (baseline)", "blockskim_no_skim": "Block-Skim, no skimming"}.get(
+        name, name.replace("blockskim_tau=", "Block-Skim, τ = ")
+    )
+
+
+def accuracy_table(result: dict[str, Any]) -> str:
+    batch_sizes = list(result["timing"])
+    head = (
+        "| model | EM | F1 | GFLOPs/question | FLOPs × vs dynamic | FLOPs × vs padded | Eq. 4 ideal × | "
+        + " | ".join(f"wall × b{b} (vs dyn / vs padded) | efficiency b{b}" for b in batch_sizes)
+        + " |"
+    )
+    lines = [head, "|" + "---|" * (7 + 2 * len(batch_sizes))]
+    for name, row in result["rows"].items():
+        cells = [
+            _label(name),
+            f"{row['exact_match']:.2f}",
+            f"{row['f1']:.2f}",
+            f"{row['flops_per_question'] / 1e9:.2f}",
+            f"{row['flops_speedup_vs_dynamic']:.2f}",
+            f"{row['flops_speedup_vs_padded']:.2f}",
+            f"{row['ideal_speedup_eq4']:.2f}",
+        ]
+        for batch_size in batch_sizes:
+            entry = result["timing"][batch_size]["rows"][name]
+            cells.append(f"{entry['speedup_vs_dynamic']:.2f} / {entry['speedup_vs_padded']:.2f}")
+            cells.append(f"{entry['implementation_efficiency']:.2f}" if "implementation_efficiency" in entry else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def timing_table(result: dict[str, Any]) -> str:
+    lines = [
+        "| batch | model | ms / window | × vs dynamic | × vs padded | ideal truncation ms | ideal × vs dynamic "
+        "| efficiency | wall ÷ FLOPs speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for batch_size, timing in result["timing"].items():
+        lines.append(
+            f"| {batch_size} | vanilla padded to {result['setup']['max_seq_length']} | "
+            f"{timing['vanilla_padded_ms_per_window']:.2f} | | 1.00 | | | | |"
+        )
+        for name, entry in timing["rows"].items():
+            cells = [batch_size, _label(name), f"{entry['ms_per_window']:.2f}", f"{entry['speedup_vs_dynamic']:.2f}"]
+            cells.append(f"{entry['speedup_vs_padded']:.2f}")
+            ideal_keys = ("ideal_truncation_ms_per_window", "ideal_truncation_speedup_vs_dynamic")
+            cells += [
+                f"{entry[key]:.2f}" if key in entry else "" for key in (*ideal_keys, "implementation_efficiency")
+            ]
+            cells.append(f"{entry['wall_over_flops_speedup']:.2f}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def kept_table(result: dict[str, Any]) -> str:
+    layers = len(next(iter(result["rows"].values()))["kept_token_fraction_per_layer"])
+    lines = [
+        "| model | " + " | ".join(f"layer {i}" for i in range(layers)) + " |",
+        "|---|" + "---|" * layers,
+    ]
+    for name, row in result["rows"].items():
+        if name.startswith("blockskim_tau"):
+            fractions = " | ".join(f"{value:.3f}" for value in row["kept_token_fraction_per_layer"])
+            lines.append(f"| {_label(name)} | {fractions} |")
+    return "\n".join(lines)
+
+
+def oracle_line(result: dict[str, Any]) -> str:
+    parts = [
+        f"after layer {key.rsplit('_', 1)[-1]}: {value['flops_speedup_vs_dynamic']:.2f}× vs dynamic "
+        f"({value['flops_speedup_vs_padded']:.2f}× vs padded)"
+        for key, value in result["oracle"].items()
+    ]
+    return "Oracle bound (keep [CLS], question, separators and gold-answer blocks only): " + "; ".join(parts) + "."
+
+
+def provenance(result: dict[str, Any]) -> str:
+    env, setup = result["environment"], result["setup"]
+    deviation = max(result["flop_counter_worst_deviation"].values())
+    return (
+        f"{setup['questions']} questions / {setup['windows']} windows (mean {setup['mean_window_length']:.0f}, median "
+        f"{setup['median_window_length']} tokens); wall-clock on {setup['timing_windows']} seeded windows, median of "
+        f"{setup['timing_repeats']} interleaved repeats after {setup['timing_warmup']} warm-up; {env['device']} "
+        f"({env['processor']}, {env['torch_threads']} threads), torch {env['torch']}, transformers "
+        f"{env['transformers']}, {setup['dtype']}, {env['date']}, revision `{env['git_revision']}`. FLOP counter vs "
+        f"analytic count: worst deviation {100 * deviation:.2f} %. Command: `{env['command']}`"
+    )
+
+
+def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    written = []
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for _stem, result in results:
+        rows = result["rows"]
+        taus = [name for name in rows if name.startswith("blockskim_tau")]
+        label = _title(result).split(",")[0] + f" {result['setup']['max_seq_length']}"
+        for axis, key, title in (
+            (axes[0], "flops_speedup_vs_dynamic", "FLOPs speedup vs dynamic padding"),
+            (axes[1], "wall", "CPU wall-clock speedup vs dynamic padding (largest batch)"),
+        ):
+            if key == "wall":
+                batch = list(result["timing"])[-1]
+                xs = [result["timing"][batch]["rows"][name]["speedup_vs_dynamic"] for name in taus]
+            else:
+                xs = [rows[name][key] for name in taus]
+            ys = [rows[name]["f1"] for name in taus]
+            line = axis.plot(xs, ys, marker="o", label=label)[0]
+            for x, y, name in zip(xs, ys, taus, strict=True):
+                axis.annotate(name.split("=")[1], (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+            axis.axhline(rows["vanilla"]["f1"], color=line.get_color(), linestyle="--", linewidth=0.8)
+            axis.set_title(title, fontsize=9)
+            axis.set_xlabel("speedup (×)")
+            axis.set_ylabel("F1")
+    axes[0].legend(fontsize=7)
+    figure.suptitle("F1 vs speedup over τ (dashed: vanilla F1)", fontsize=10)
+    figure.tight_layout()
+    path = plots / "f1_vs_speedup.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    written.append(path)
+
+    figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False)
+    for axis, (_stem, result) in zip(axes[0], results, strict=True):
+        for name, row in result["rows"].items():
+            if name.startswith("blockskim_tau"):
+                fractions = row["kept_token_fraction_per_layer"]
+                axis.plot(range(len(fractions)), fractions, marker="o", label=name.replace("blockskim_", ""))
+        axis.set_title(_title(result), fontsize=8)
+        axis.set_xlabel("layer")
+        axis.set_ylabel("kept-token fraction")
+        axis.set_ylim(0, 1.05)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    path = plots / "kept_fraction_per_layer.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    written.append(path)
+    return [str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path) for path in written]
+
+
+def render(results: list[tuple[str, dict[str, Any]]], plot_paths: list[str]) -> str:
+    sections = []
+    for stem, result in results:
+        training = result.get("training")
+        parts = [
+            f"### {_title(result)}",
+            f"Source: `benchmarks/results/{stem}.json`. {provenance(result)}",
+            accuracy_table(result),
+            oracle_line(result),
+            "Kept-token fraction per layer (real tokens entering each layer, over all windows):",
+            kept_table(result),
+            "Wall-clock detail (per window; ideal truncation = stock layers on the same per-layer kept lengths):",
+            timing_table(result),
+        ]
+        if training:
+            parts.append(
+                "Training cost (both runs side by side, one thread each): Block-Skim "
+                f"{training['blockskim']['train_samples_per_second']:.3f} vs vanilla "
+                f"{training['vanilla']['train_samples_per_second']:.3f} samples/s = "
+                f"{training['blockskim_over_vanilla_samples_per_second']:.3f}× the vanilla throughput."
+            )
+        sections.append("\n\n".join(parts))
+    figures = "\n\n".join(f"![{Path(path).stem}]({path})" for path in plot_paths)
+    return "\n\n".join([*sections, figures])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--plots", type=Path, default=ROOT / "benchmarks" / "plots")
+    args = parser.parse_args()
+
+    results = []
+    for path in sorted(args.results.glob("*.json")):
+        data = json.loads(path.read_text())
+        if data.get("benchmark") == "squad":
+            results.append((path.stem, data))
+    if not results:
+        raise SystemExit(f"no squad results in {args.results}; run benchmarks/squad.py first.")
+    results.sort(key=lambda item: (item[1]["variant"] != "squad", item[1]["setup"]["max_seq_length"]))
+    plot_paths = plot(results, args.plots)
+    generated = render(results, plot_paths)
+    text = args.markdown.read_text() if args.markdown.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{args.markdown} lacks the {BEGIN} / {END} markers that delimit the generated part.")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    updated = f"{head}{BEGIN}\n{generated}\n{END}{tail}"
+    temporary = args.markdown.with_suffix(".tmp")
+    temporary.write_text(updated)
+    temporary.replace(args.markdown)
+    print(f"wrote {args.markdown} and {', '.join(plot_paths)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,565 @@
+"""Accuracy and real cost of Block-Skim against honest baselines on SQuAD v1.1 dev (and a long-context variant).
+
+One run evaluates two models trained with `examples/run_qa.py` from the same backbone (see
+`benchmarks/train_models.sh`): the vanilla QA model (the baseline) and the Block-Skim model, without skimming and
+skimming at every threshold tau. For every row it records, in one process and on the same inputs:
+
+- EM/F1 on every question (`--max-questions` samples a documented subset for the slow long-context variant);
+- FLOPs per question as run at batch 1, from the analytic count on the per-layer lengths the model processed
+  (checked against `torch.utils.flop_counter` on a sample), the speedup versus the vanilla model with dynamic
+  padding (the honest baseline) and padded to `max_seq_length` (the setting of the paper's FLOPs), and the paper's
+  ideal speedup (Eq. 4) from the kept-token fractions;
+- the oracle bound: keep only [CLS], question, separator and gold-answer blocks after predictor layer 1, 2, 3;
+- wall-clock per batch size (medians of interleaved repeats after warm-up; CUDA events on a GPU): vanilla with
+  dynamic padding + SDPA, vanilla padded, Block-Skim rows, and the *ideal truncation* of every skimming row (the
+  stock layers run on sequences already cut to that row's per-layer kept lengths, no predictor, no gather), so that
+  implementation efficiency = T(ideal truncation) / T(Block-Skim).
+
+Example (what BENCHMARKS.md reports; `benchmarks/report.py` turns the JSON into tables and plots):
+
+    python benchmarks/squad.py --vanilla models/vanilla --blockskim models/blockskim \
+        --dev-file data/squad/dev-v1.1.json.gz --output benchmarks/results/squad_cpu.json
+    python benchmarks/squad.py ... --variant squad-long --max-seq-length 512 --max-questions 1000 \
+        --output benchmarks/results/squad_long512_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+from transformers.masking_utils import create_bidirectional_mask
+
+from modeling_blockskim import BlockSkimForQuestionAnswering
+from modeling_blockskim.benchmarking import environment, median, time_side_by_side
+from modeling_blockskim.data import load_qa_dataset, postprocess_qa_predictions, prepare_eval_features
+from modeling_blockskim.flops import count_flops, forward_flops, ideal_speedup
+from modeling_blockskim.metrics import load_squad_metric
+from modeling_blockskim.skimming_blockskim import any_per_block, protected_token_mask
+
+DEFAULT_THRESHOLDS = (0.001, 0.01, 0.05, 0.1, 0.3, 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def squad_long(examples: datasets.Dataset, paragraphs: int) -> datasets.Dataset:
+    """SQuAD-long: every `paragraphs` consecutive paragraphs of an article joined into one context.
+
+    Each question keeps its own answers, re-offset into the joined context (paragraphs are joined with a blank
+    line). The joined contexts are several windows long, so windows are full at 384 and 512 tokens.
+    """
+    by_title: dict[str, list[str]] = {}
+    for title, context in zip(examples["title"], examples["context"], strict=True):
+        contexts = by_title.setdefault(title, [])
+        if not contexts or contexts[-1] != context:
+            contexts.append(context)
+    joined: dict[tuple[str, str], tuple[str, int]] = {}  # (title, paragraph) -> (joined context, offset)
+    for title, contexts in by_title.items():
+        for first in range(0, len(contexts), paragraphs):
+            group = contexts[first : first + paragraphs]
+            text = "\n\n".join(group)
+            offset = 0
+            for context in group:
+                joined[(title, context)] = (text, offset)
+                offset += len(context) + 2
+
+    def rewrite(example: dict[str, Any]) -> dict[str, Any]:
+        text, offset = joined[(example["title"], example["context"])]
+        answers = dict(example["answers"])
+        answers["answer_start"] = [start + offset for start in answers["answer_start"]]
+        for start, answer in zip(answers["answer_start"], answers["text"], strict=True):
+            assert text[start : start + len(answer)] == answer, "answer re-offset failed"
+        return {"context": text, "answers": answers}
+
+    return examples.map(rewrite, desc=f"joining {paragraphs} paragraphs")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-feature records of one evaluation pass
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pass:
+    """What one model variant did on every feature."""
+
+    start_logits: list[torch.Tensor] = field(default_factory=list)
+    end_logits: list[torch.Tensor] = field(default_factory=list)
+    processed: list[list[int]] = field(default_factory=list)  # positions each layer ran on, batch 1
+    kept_tokens: list[list[int]] = field(default_factory=list)  # real tokens each layer ran on
+
+
+def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Feature indices grouped into batches of similar length (results do not depend on the batch)."""
+    order = sorted(range(len(lengths)), key=lambda index: lengths[index])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def collate(features: datasets.Dataset, indices: Sequence[int], pad_id: int, length: int | None = None) -> dict:
+    """Right-padded tensors of the given features, to `length` or to the longest of them."""
+    rows = [features[index] for index in indices]
+    width = length or max(len(row["input_ids"]) for row in rows)
+    batch: dict[str, torch.Tensor] = {}
+    for name, pad in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
+        if name in rows[0]:
+            batch[name] = torch.tensor([row[name] + [pad] * (width - len(row[name])) for row in rows])
+    return batch
+
+
+def processed_lengths(model: BlockSkimForQuestionAnswering, output: Any, lengths: torch.Tensor) -> torch.Tensor:
+    """(batch, layers) positions each layer runs on when the example is alone in its batch.
+
+    Block-Skim pads a window to whole blocks; after a predictor layer each later layer runs on the blocks it kept.
+    """
+    config = model.config
+    block_size, layers = config.block_size, config.num_hidden_layers
+    blocks = torch.div(lengths + block_size - 1, block_size, rounding_mode="floor")  # (B,)
+    result = blocks[:, None].repeat(1, layers)
+    kept_blocks = output.block_keep_mask.sum(dim=-1)  # (B, P)
+    for predictor_index, layer in enumerate(config.skim_layers):
+        result[:, layer + 1 :] = kept_blocks[:, predictor_index, None]
+    return result * block_size
+
+
+def run_pass(
+    model: torch.nn.Module,
+    features: datasets.Dataset,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    call_kwargs: dict[str, Any],
+    description: str,
+) -> Pass:
+    """Evaluate every feature; Block-Skim calls also record what each layer processed."""
+    lengths = [len(ids) for ids in features["input_ids"]]
+    records: dict[int, tuple] = {}
+    is_blockskim = isinstance(model, BlockSkimForQuestionAnswering)
+    skimming = is_blockskim and call_kwargs.get("skim", False)
+    layers = model.config.num_hidden_layers
+    with torch.inference_mode():
+        for indices in tqdm(batches_by_length(lengths, batch_size), desc=description, leave=False):
+            batch = {k: v.to(device) for k, v in collate(features, indices, pad_id).items()}
+            output = model(**batch, **call_kwargs, **({"output_skim_details": True} if skimming else {}))
+            real = batch["attention_mask"].sum(dim=1)  # (B,)
+            if skimming:
+                processed = processed_lengths(model, output, real).tolist()
+                kept = output.kept_token_counts.tolist()
+            else:
+                processed = kept = real[:, None].repeat(1, layers).tolist()
+            for row, index in enumerate(indices):
+                n = lengths[index]
+                records[index] = (
+                    output.start_logits[row, :n].float().cpu(),
+                    output.end_logits[row, :n].float().cpu(),
+                    processed[row],
+                    kept[row],
+                )
+    result = Pass()
+    for index in range(len(lengths)):
+        start, end, processed, kept = records[index]
+        result.start_logits.append(start)
+        result.end_logits.append(end)
+        result.processed.append(processed)
+        result.kept_tokens.append(kept)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs and the oracle bound
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def blocks_touched(token_mask: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(1, K) blocks holding at least one marked token of a `(1, n)` mask (padded to whole blocks)."""
+    pad = -token_mask.shape[1] % block_size
+    return any_per_block(torch.nn.functional.pad(token_mask, (0, pad)), block_size)
+
+
+def protected_blocks(features: datasets.Dataset, sep_token_id: int, block_size: int) -> list[int]:
+    """Blocks holding [CLS], question or separators per feature (never judged by a predictor)."""
+    counts = []
+    for ids in features["input_ids"]:
+        input_ids = torch.tensor([ids])
+        protected = protected_token_mask(input_ids, torch.ones_like(input_ids, dtype=torch.bool), sep_token_id)
+        counts.append(int(blocks_touched(protected, block_size).sum()))
+    return counts
+
+
+def oracle_kept_tokens(features: datasets.Dataset, sep_token_id: int, block_size: int) -> list[int]:
+    """Real tokens in the protected blocks plus the gold-answer blocks of each feature (no answer: none)."""
+    kept = []
+    columns = (features["input_ids"], features["start_positions"], features["end_positions"])
+    for ids, start, end in zip(*columns, strict=True):
+        input_ids = torch.tensor([ids])
+        valid = torch.ones_like(input_ids, dtype=torch.bool)
+        keep = protected_token_mask(input_ids, valid, sep_token_id)
+        if start > 0:  # windows without the answer point at [CLS] (position 0)
+            keep[0, start : end + 1] = True
+        blocks = blocks_touched(keep, block_size)  # (1, K)
+        token_blocks = blocks.repeat_interleave(block_size, dim=1)[:, : len(ids)]
+        kept.append(int(token_blocks.sum()))
+    return kept
+
+
+def flops_per_feature(config, rows: Sequence[Sequence[int]], predictors: bool, protected: Sequence[int]) -> list[int]:
+    return [
+        forward_flops(config, list(row), predictors=predictors, protected_blocks=p)
+        for row, p in zip(rows, protected, strict=True)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wall-clock
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def ideal_truncation(vanilla: torch.nn.Module, batch: dict, kept_tokens: torch.Tensor) -> Callable[[], object]:
+    """The stock layers on sequences already cut to the per-layer kept lengths: no predictor, no gather.
+
+    Row b holds `kept_tokens[b, i]` real tokens at layer i, left-aligned; masks are built beforehand.
+    """
+    base = vanilla.base_model
+    layers = base.encoder.layer
+    lengths = kept_tokens.max(dim=0).values.tolist()  # (layers,)
+    positions = torch.arange(max(lengths), device=kept_tokens.device)
+    masks = []
+    for index, length in enumerate(lengths):
+        valid = positions[None, :length] < kept_tokens[:, index, None]  # (B, length)
+        shape_probe = torch.empty(valid.shape[0], length, 1, device=valid.device, dtype=vanilla.dtype)
+        masks.append(create_bidirectional_mask(config=vanilla.config, inputs_embeds=shape_probe, attention_mask=valid))
+    model_inputs = {k: v for k, v in batch.items() if k in ("input_ids", "token_type_ids")}
+
+    def run() -> torch.Tensor:
+        hidden = base.embeddings(**model_inputs)
+        for layer, length, mask in zip(layers, lengths, masks, strict=True):
+            hidden = layer(hidden[:, :length], mask)
+        return vanilla.qa_outputs(hidden)
+
+    return run
+
+
+def time_rows(
+    vanilla: torch.nn.Module,
+    blockskim: BlockSkimForQuestionAnswering,
+    features: datasets.Dataset,
+    indices: Sequence[int],
+    batch_size: int,
+    thresholds: Sequence[float],
+    max_seq_length: int,
+    pad_id: int,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+) -> dict[str, float]:
+    """Seconds per variant for the given features: sum over batches of the per-batch median."""
+    totals: dict[str, float] = {}
+    batches = [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
+    with torch.inference_mode():
+        for batch_indices in tqdm(batches, desc=f"timing batch {batch_size}", leave=False):
+            batch = {k: v.to(device) for k, v in collate(features, batch_indices, pad_id).items()}
+            padded = {k: v.to(device) for k, v in collate(features, batch_indices, pad_id, max_seq_length).items()}
+            variants: dict[str, Callable[[], object]] = {
+                "vanilla_dynamic": lambda batch=batch: vanilla(**batch),
+                "vanilla_padded": lambda padded=padded: vanilla(**padded),
+                "blockskim_no_skim": lambda batch=batch: blockskim(**batch, skim=False),
+            }
+            for tau in thresholds:
+                details = blockskim(**batch, skim=True, skim_threshold=tau, output_skim_details=True)
+                variants[f"blockskim_tau={tau:g}"] = lambda batch=batch, tau=tau: blockskim(
+                    **batch, skim=True, skim_threshold=tau
+                )
+                variants[f"ideal_truncation_tau={tau:g}"] = ideal_truncation(vanilla, batch, details.kept_token_counts)
+            times = time_side_by_side(variants, repeats=repeats, warmup=warmup, device=device)
+            for name, values in times.items():
+                totals[name] = totals.get(name, 0.0) + median(values)
+    return totals
+
+
+def check_flop_counter(
+    vanilla: torch.nn.Module,
+    blockskim: BlockSkimForQuestionAnswering,
+    features: datasets.Dataset,
+    indices: Sequence[int],
+    thresholds: Sequence[float],
+    protected: Sequence[int],
+    pad_id: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Largest |measured / analytic - 1| per variant over single-feature forwards."""
+    config = blockskim.config
+    worst: dict[str, float] = {}
+
+    def record(name: str, measured: int, analytic: int) -> None:
+        worst[name] = max(worst.get(name, 0.0), abs(measured / analytic - 1.0))
+
+    with torch.inference_mode():
+        for index in indices:
+            batch = {k: v.to(device) for k, v in collate(features, [index], pad_id).items()}
+            n = batch["input_ids"].shape[1]
+            plain = forward_flops(config, [n] * config.num_hidden_layers, predictors=False)
+            record("vanilla_dynamic", count_flops(lambda batch=batch: vanilla(**batch)), plain)
+            record("blockskim_no_skim", count_flops(lambda batch=batch: blockskim(**batch, skim=False)), plain)
+            for tau in thresholds:
+                details = blockskim(**batch, skim=True, skim_threshold=tau, output_skim_details=True)
+                lengths = processed_lengths(blockskim, details, torch.tensor([n], device=device))[0].tolist()
+                analytic = forward_flops(config, lengths, protected_blocks=protected[index])
+                measured = count_flops(lambda batch=batch, tau=tau: blockskim(**batch, skim=True, skim_threshold=tau))
+                record(f"blockskim_tau={tau:g}", measured, analytic)
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vanilla", required=True, help="vanilla QA checkpoint (run_qa.py --block_skim false)")
+    parser.add_argument("--blockskim", required=True, help="Block-Skim checkpoint (run_qa.py --block_skim true)")
+    parser.add_argument("--dev-file", required=True, help="SQuAD v1.1 dev JSON (plain or .gz)")
+    parser.add_argument("--variant", choices=["squad", "squad-long"], default="squad")
+    parser.add_argument("--paragraphs", type=int, default=4, help="paragraphs joined per context for squad-long")
+    parser.add_argument("--max-seq-length", type=int, default=384)
+    parser.add_argument("--doc-stride", type=int, default=128)
+    parser.add_argument("--max-questions", type=int, default=None, help="seeded random subset of the questions")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS))
+    parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--timing-features", type=int, default=128, help="windows timed (seeded random sample)")
+    parser.add_argument("--timing-batch-sizes", type=int, nargs="+", default=None, help="default: 1 16 (CPU), 1 32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--flop-check-features", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, required=True, help="results JSON")
+    return parser.parse_args()
+
+
+def load_models(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[torch.nn.Module, BlockSkimForQuestionAnswering]:
+    dtype = getattr(torch, args.dtype)
+    vanilla = AutoModelForQuestionAnswering.from_pretrained(args.vanilla, attn_implementation="sdpa", dtype=dtype)
+    blockskim = BlockSkimForQuestionAnswering.from_pretrained(args.blockskim, dtype=dtype)
+    if vanilla.config.model_type == "blockskim":
+        raise ValueError(f"--vanilla {args.vanilla} is a Block-Skim checkpoint; pass the vanilla model.")
+    return vanilla.to(device).eval(), blockskim.to(device).eval()
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    batch_sizes = args.timing_batch_sizes or ([1, 32] if device.type == "cuda" else [1, 16])
+    vanilla, blockskim = load_models(args, device)
+    config = blockskim.config
+    tokenizer = AutoTokenizer.from_pretrained(args.blockskim)
+
+    examples, report = load_qa_dataset(args.dev_file)
+    if args.variant == "squad-long":
+        examples = squad_long(examples, args.paragraphs)
+    if args.max_questions is not None and args.max_questions < len(examples):
+        examples = examples.shuffle(seed=args.seed).select(range(args.max_questions))
+    features = examples.map(
+        prepare_eval_features,
+        batched=True,
+        remove_columns=examples.column_names,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "max_seq_length": args.max_seq_length,
+            "doc_stride": args.doc_stride,
+            "with_answer_positions": True,
+        },
+        desc="eval windows",
+    )
+    lengths = [len(ids) for ids in features["input_ids"]]
+    layers = config.num_hidden_layers
+    protected = protected_blocks(features, config.sep_token_id, config.block_size)
+    print(f"{len(examples)} questions, {len(features)} windows, mean length {sum(lengths) / len(lengths):.1f}")
+
+    # --- accuracy and per-feature lengths of every row -----------------------------------------------------------
+    metric = load_squad_metric()
+    row_calls: dict[str, tuple[torch.nn.Module, dict]] = {
+        "vanilla": (vanilla, {}),
+        "blockskim_no_skim": (blockskim, {"skim": False}),
+        **{f"blockskim_tau={tau:g}": (blockskim, {"skim": True, "skim_threshold": tau}) for tau in args.thresholds},
+    }
+    passes: dict[str, Pass] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for name, (model, call_kwargs) in row_calls.items():
+        result = run_pass(model, features, args.eval_batch_size, tokenizer.pad_token_id, device, call_kwargs, name)
+        passes[name] = result
+        predictions, references = postprocess_qa_predictions(
+            examples, features, result.start_logits, result.end_logits
+        )
+        scores = metric.compute(predictions=predictions, references=references)
+        rows[name] = {"exact_match": scores["exact_match"], "f1": scores["f1"]}
+        print(f"{name:>24}: EM {scores['exact_match']:.2f}  F1 {scores['f1']:.2f}")
+
+    # --- FLOPs ------------------------------------------------------------------------------------------------------
+    dynamic = flops_per_feature(config, [[n] * layers for n in lengths], False, protected)
+    padded = forward_flops(config, [args.max_seq_length] * layers, predictors=False)
+    n_questions = len(examples)
+    for name, result in passes.items():
+        skimming = name.startswith("blockskim_tau")
+        row_flops = flops_per_feature(config, result.processed, skimming, protected)
+        kept_totals = [sum(column) for column in zip(*result.kept_tokens, strict=True)]
+        rows[name].update(
+            {
+                "flops_per_question": sum(row_flops) / n_questions,
+                "flops_speedup_vs_dynamic": sum(dynamic) / sum(row_flops),
+                "flops_speedup_vs_padded": padded * len(lengths) / sum(row_flops),
+                "kept_token_fraction_per_layer": [total / kept_totals[0] for total in kept_totals],
+                "ideal_speedup_eq4": ideal_speedup(kept_totals),
+            }
+        )
+        result.flops = row_flops  # type: ignore[attr-defined]
+    oracle_tokens = oracle_kept_tokens(features, config.sep_token_id, config.block_size)
+    oracle = {}
+    for after in (1, 2, 3):
+        per_layer = [[n] * after + [k] * (layers - after) for n, k in zip(lengths, oracle_tokens, strict=True)]
+        total = sum(flops_per_feature(config, per_layer, False, protected))
+        oracle[f"after_layer_{after}"] = {
+            "flops_speedup_vs_dynamic": sum(dynamic) / total,
+            "flops_speedup_vs_padded": padded * len(lengths) / total,
+        }
+    print("oracle bound:", json.dumps(oracle))
+
+    # --- FLOP counter check and wall-clock on a seeded sample of windows --------------------------------------------
+    sample = random.Random(args.seed).sample(range(len(features)), min(args.timing_features, len(features)))
+    counter_check = check_flop_counter(
+        vanilla,
+        blockskim,
+        features,
+        sample[: args.flop_check_features],
+        args.thresholds,
+        protected,
+        tokenizer.pad_token_id,
+        device,
+    )
+    print("flop counter vs analytic, worst relative deviation:", json.dumps(counter_check))
+    timing: dict[str, dict[str, Any]] = {}
+    sample_dynamic = sum(dynamic[index] for index in sample)
+    for batch_size in batch_sizes:
+        seconds = time_rows(
+            vanilla,
+            blockskim,
+            features,
+            sample,
+            batch_size,
+            args.thresholds,
+            args.max_seq_length,
+            tokenizer.pad_token_id,
+            device,
+            args.repeats,
+            args.warmup,
+        )
+        per_row = {}
+        for name in rows:
+            key = "vanilla_dynamic" if name == "vanilla" else name
+            entry = {
+                "ms_per_window": 1000 * seconds[key] / len(sample),
+                "speedup_vs_dynamic": seconds["vanilla_dynamic"] / seconds[key],
+                "speedup_vs_padded": seconds["vanilla_padded"] / seconds[key],
+            }
+            flops_speedup = sample_dynamic / sum(passes[name].flops[index] for index in sample)  # type: ignore[attr-defined]
+            entry["flops_speedup_vs_dynamic_on_sample"] = flops_speedup
+            entry["wall_over_flops_speedup"] = entry["speedup_vs_dynamic"] / flops_speedup
+            ideal = key.replace("blockskim_", "ideal_truncation_")
+            if name.startswith("blockskim_tau"):
+                entry["ideal_truncation_ms_per_window"] = 1000 * seconds[ideal] / len(sample)
+                entry["ideal_truncation_speedup_vs_dynamic"] = seconds["vanilla_dynamic"] / seconds[ideal]
+                entry["implementation_efficiency"] = seconds[ideal] / seconds[key]
+            per_row[name] = entry
+        timing[str(batch_size)] = {
+            "vanilla_padded_ms_per_window": 1000 * seconds["vanilla_padded"] / len(sample),
+            "rows": per_row,
+        }
+        for name, entry in per_row.items():
+            print(
+                f"batch {batch_size:>2} {name:>24}: {entry['ms_per_window']:.2f} ms/window, "
+                f"x{entry['speedup_vs_dynamic']:.2f} vs dynamic, x{entry['speedup_vs_padded']:.2f} vs padded"
+                + (
+                    f", efficiency {entry['implementation_efficiency']:.2f}"
+                    if "implementation_efficiency" in entry
+                    else ""
+                )
+            )
+
+    result = {
+        "benchmark": "squad",
+        "variant": args.variant,
+        "setup": {
+            "vanilla": args.vanilla,
+            "blockskim": args.blockskim,
+            "dev_file": args.dev_file,
+            "paragraphs_joined": args.paragraphs if args.variant == "squad-long" else 1,
+            "max_seq_length": args.max_seq_length,
+            "doc_stride": args.doc_stride,
+            "questions": n_questions,
+            "windows": len(features),
+            "mean_window_length": sum(lengths) / len(lengths),
+            "median_window_length": sorted(lengths)[len(lengths) // 2],
+            "max_questions": args.max_questions,
+            "seed": args.seed,
+            "thresholds": args.thresholds,
+            "block_size": config.block_size,
+            "skim_layers": config.skim_layers,
+            "dtype": args.dtype,
+            "timing_windows": len(sample),
+            "timing_repeats": args.repeats,
+            "timing_warmup": args.warmup,
+            "skipped_records": report.num_skipped,
+        },
+        "environment": environment(device),
+        "padded_flops_per_question": padded * len(lengths) / n_questions,
+        "dynamic_flops_per_question": sum(dynamic) / n_questions,
+        "oracle": oracle,
+        "flop_counter_worst_deviation": counter_check,
+        "rows": rows,
+        "timing": timing,
+        "training": training_cost(args.vanilla, args.blockskim),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = args.output.with_suffix(".tmp")
+    temporary.write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+    temporary.replace(args.output)
+    print(f"wrote {args.output}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def training_cost(vanilla_dir: str, blockskim_dir: str) -> dict[str, Any] | None:
+    """Training throughput of the two runs from their `train_results.json` (trained side by side)."""
+    results = {}
+    for name, directory in (("vanilla", vanilla_dir), ("blockskim", blockskim_dir)):
+        path = Path(directory) / "train_results.json"
+        if not path.is_file():
+            return None
+        results[name] = json.loads(path.read_text())
+    results["blockskim_over_vanilla_samples_per_second"] = (
+        results["blockskim"]["train_samples_per_second"] / results["vanilla"]["train_samples_per_second"]
+    )
+    return results
+
+
+if __name__ == "__main__":
+    main()

