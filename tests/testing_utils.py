@@ -40,8 +40,11 @@ def run_without_package(code: str, tmp_path: Path) -> subprocess.CompletedProces
     )
 
 
-def tiny_backbone_config(backbone: str, num_hidden_layers: int = 3):
-    """Batch-3-sized testers in the transformers style: hidden 32, 4 heads, a few layers, 128 positions."""
+def tiny_backbone_config(backbone: str, num_hidden_layers: int = 3, **overrides):
+    """Batch-3-sized testers in the transformers style: hidden 32, 4 heads, a few layers, 160 positions.
+
+    `overrides` replace any field, e.g. the real vocabulary size and 512 positions for tests with a real tokenizer.
+    """
     common = dict(
         vocab_size=99,
         hidden_size=32,
@@ -51,6 +54,7 @@ def tiny_backbone_config(backbone: str, num_hidden_layers: int = 3):
         max_position_embeddings=160,
         pad_token_id=PAD_TOKEN_ID[backbone],
     )
+    common.update(overrides)
     if backbone == "bert":
         return BertConfig(**common)
     if backbone == "roberta":
