@@ -351,6 +351,9 @@ def main() -> dict[str, float]:
         metrics["eval_samples"] = len(eval_examples)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+        if trainer.is_world_process_zero():
+            for name, answers in trainer.last_eval_predictions.items():
+                write_predictions(Path(training_args.output_dir) / f"{name}_predictions.json", answers)
         all_metrics.update(metrics)
         print_summary(metrics)
 
@@ -362,10 +365,15 @@ def main() -> dict[str, float]:
         trainer.log_metrics("predict", output.metrics)
         trainer.save_metrics("predict", output.metrics)
         if trainer.is_world_process_zero():
-            path = Path(training_args.output_dir) / "predict_predictions.json"
-            path.write_text(json.dumps({p["id"]: p["prediction_text"] for p in output.predictions}, indent=2))
+            write_predictions(Path(training_args.output_dir) / "predict_predictions.json", output.predictions)
         all_metrics.update(output.metrics)
     return all_metrics
+
+
+def write_predictions(path: Path, answers: list[dict]) -> None:
+    """`{question id: answer text}` as JSON, the format of the official SQuAD evaluation scripts ("" = no answer)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({answer["id"]: answer["prediction_text"] for answer in answers}, indent=2))
 
 
 def write_card(trainer: BlockSkimTrainer, model_args: ModelArguments, data_args: DataTrainingArguments) -> None:
@@ -390,13 +398,18 @@ def write_card(trainer: BlockSkimTrainer, model_args: ModelArguments, data_args:
 
 
 def print_summary(metrics: dict[str, float]) -> None:
-    """The quick-start's headline: EM/F1 with and without skimming and what skimming saved."""
-    lines = [
-        f"EM/F1 without skimming: {metrics.get('eval_exact_match', float('nan')):.2f} / "
-        f"{metrics.get('eval_f1', float('nan')):.2f}"
-    ]
+    """The quick-start's headline: EM/F1 with and without skimming and what skimming saved.
+
+    SQuAD v1.1/MRQA runs report `exact_match`, SQuAD v2.0 runs (`--version_2_with_negative`) `exact`.
+    """
+    exact = "exact_match" if "eval_exact_match" in metrics else "exact"
+
+    def em_f1(prefix: str) -> str:
+        return f"{metrics.get(f'{prefix}{exact}', float('nan')):.2f} / {metrics.get(f'{prefix}f1', float('nan')):.2f}"
+
+    lines = [f"EM/F1 without skimming: {em_f1('eval_')}"]
     if "eval_skim_f1" in metrics:
-        lines.append(f"EM/F1 with skimming:    {metrics['eval_skim_exact_match']:.2f} / {metrics['eval_skim_f1']:.2f}")
+        lines.append(f"EM/F1 with skimming:    {em_f1('eval_skim_')}")
         lines.append(
             f"FLOPs speedup from skimming: {metrics['eval_skim_flops_speedup']:.2f}x "
             f"(kept tokens after the last layer: {100 * metrics.get(_last_kept_key(metrics), 1.0):.1f}%)"

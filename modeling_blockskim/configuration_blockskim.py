@@ -70,7 +70,14 @@ class BlockSkimConfig(PretrainedConfig):
 
     model_type = "blockskim"
     sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="bert")}
-    keys_to_ignore_at_inference = ["qa_loss", "skim_loss", "block_logits", "block_labels", "block_keep_mask"]
+    keys_to_ignore_at_inference = [
+        "qa_loss",
+        "skim_loss",
+        "block_logits",
+        "block_labels",
+        "block_keep_mask",
+        "kept_token_counts",
+    ]
 
     backbone_config: dict | PretrainedConfig | None = None
     block_size: int = 32

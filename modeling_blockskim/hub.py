@@ -8,6 +8,11 @@ them and says what is missing, because a half-uploaded repo fails only later, on
 
 Uploads go through `huggingface_hub` (`create_repo`, `upload_folder`); nothing here speaks HTTP itself.
 
+`model.push_to_hub(repo_id)` and `tokenizer.push_to_hub(repo_id)` work too (the model's `save_pretrained` writes
+`auto_map`, `custom_pipelines` and the remote code), but transformers keeps the card already on the Hub or else
+writes its own generic one; push with `push_checkpoint` first, or write the card with `write_model_card`, for the
+filled Block-Skim card.
+
 Library code only: checkpoints do not need this file to load.
 """
 

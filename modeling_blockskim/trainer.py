@@ -88,6 +88,8 @@ class BlockSkimTrainer(Trainer):
         self._loss_parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._eval_statistics: dict[str, Any] = {}
         self.last_eval_metrics: dict[str, float] = {}
+        self.last_eval_predictions: dict[str, list[dict]] = {}
+        """The last evaluation's answers per pass: `{prefix}` without skimming, `{prefix}_skim` with skimming."""
 
     @property
     def _is_block_skim(self) -> bool:
@@ -138,6 +140,8 @@ class BlockSkimTrainer(Trainer):
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
         """EM/F1 without skimming and, for a Block-Skim model, with skimming at tau plus its cost statistics.
+
+        The answers of each pass are kept in `last_eval_predictions`.
 
         Metric names: `{prefix}_exact_match`, `{prefix}_f1` (no skimming), `{prefix}_skim_exact_match`,
         `{prefix}_skim_f1`, `{prefix}_skim_flops_speedup`, `{prefix}_skim_ideal_speedup`,
@@ -223,9 +227,11 @@ class BlockSkimTrainer(Trainer):
         self, features: Dataset, examples: Dataset, ignore_keys, metric_key_prefix: str, description: str
     ) -> dict[str, float]:
         metrics: dict[str, float] = {}
+        self.last_eval_predictions = {}
         for skim in (False, True) if self._is_block_skim else (False,):
             answers, references, output = self._run_pass(features, examples, ignore_keys, skim, description)
             prefix = f"{metric_key_prefix}_skim_" if skim else f"{metric_key_prefix}_"
+            self.last_eval_predictions[prefix.rstrip("_")] = answers
             for name, value in self._pass_metrics(answers, references, output, skim).items():
                 metrics[prefix + name] = value
         return metrics

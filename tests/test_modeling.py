@@ -117,7 +117,8 @@ def _masked_reference_logits(model, batch, keep_mask_per_layer):
             hidden = layer(hidden, bias)
             if index in keep_mask_per_layer:
                 present = present & keep_mask_per_layer[index].repeat_interleave(BLOCK_SIZE, dim=1)[:, :length]
-        return model.qa_outputs(hidden)[..., 0], present
+        logits = model.qa_outputs(hidden)
+        return (logits[..., 0], logits[..., 1]), present
 
 
 @pytest.mark.parametrize(("device", "dtype"), PLACEMENTS)
@@ -132,9 +133,10 @@ def test_shrunk_forward_equals_full_length_reference_with_masked_keys(device, dt
     kept = {layer: output.block_keep_mask[:, position] for position, layer in enumerate(model.config.skim_layers)}
     expected, present = _masked_reference_logits(model, batch, kept)
     assert present.sum() < batch["attention_mask"].sum()  # something was really skimmed
-    diff = (output.start_logits.float() - expected.float())[present].abs().max()
-    assert diff <= ATOL[dtype]["oracle"]
-    assert (output.start_logits[~present] == SKIMMED_LOGIT).all()
+    for ours, reference in zip((output.start_logits, output.end_logits), expected, strict=True):
+        diff = (ours.float() - reference.float())[present].abs().max()
+        assert diff <= ATOL[dtype]["oracle"]
+        assert (ours[~present] == SKIMMED_LOGIT).all()
 
 
 # 3. Batch invariance ------------------------------------------------------------------------------------------------
@@ -205,6 +207,14 @@ def test_threshold_one_keeps_only_protected_blocks_and_still_answers(device, dty
         best = logits.argmax(dim=-1)
         assert protected_blocks.gather(1, best[:, None] // BLOCK_SIZE).all()  # never a skimmed position
         assert torch.isfinite(logits).all()
+    # The best span with start <= end lies on kept positions (at worst the null answer at [CLS]).
+    scores = output.start_logits.float()[:, :, None] + output.end_logits.float()[:, None, :]  # (B, L, L)
+    scores = scores.masked_fill(~torch.ones_like(scores, dtype=torch.bool).triu(), float("-inf"))
+    best_span = scores.flatten(1).argmax(dim=1)
+    start, end = best_span // scores.shape[-1], best_span % scores.shape[-1]
+    assert (start <= end).all()
+    assert (output.start_logits.gather(1, start[:, None]) != SKIMMED_LOGIT).all()
+    assert (output.end_logits.gather(1, end[:, None]) != SKIMMED_LOGIT).all()
 
 
 # 5. Real shrinking --------------------------------------------------------------------------------------------------
@@ -274,6 +284,11 @@ def test_default_outputs_carry_no_extras_for_trainer_predictions():
         output = model(**batch, **labels)
     assert list(output.keys()) == ["loss", "start_logits", "end_logits"]
     assert len(model(**batch, return_dict=False)) == 2
+    with torch.no_grad():
+        detailed = model(**batch, **labels, output_skim_details=True)
+    extras = set(detailed.keys()) - {"loss", "start_logits", "end_logits"}
+    assert extras == {"qa_loss", "skim_loss", "block_logits", "block_labels", "block_keep_mask", "kept_token_counts"}
+    assert extras <= set(model.config.keys_to_ignore_at_inference)  # Trainer drops them even when returned
 
 
 def test_skimming_in_training_mode_is_refused():
@@ -320,9 +335,37 @@ def test_from_backbone_loads_the_offline_minilm_checkpoint():
     assert model.config.backbone_config.num_hidden_layers == 6
     assert model.config.sep_token_id == 102
     assert model.config.skim_layers == [0, 1, 2, 3, 4]
-    for name, tensor in reference.bert.state_dict().items():
-        ours = dict(model.named_parameters()) | dict(model.named_buffers())
-        key = name.replace("encoder.layer.", "layers.")
-        if key in ours:
-            assert torch.equal(ours[key], tensor), name
+    ours = model.state_dict()
+    backbone = {
+        name.replace("encoder.layer.", "layers."): tensor
+        for name, tensor in reference.bert.state_dict().items()
+        if not name.startswith("pooler.")
+    }
+    assert len(backbone) > 90 and backbone.keys() <= ours.keys()
+    for name, tensor in backbone.items():
+        assert torch.equal(ours[name], tensor), name
+    new = {name.split(".")[0] for name in ours.keys() - backbone.keys()}
+    assert new == {"skim_predictors", "qa_outputs"}
     assert torch.equal(model.layers[5].output.dense.weight, reference.bert.encoder.layer[5].output.dense.weight)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_from_backbone_folder_copies_a_trained_head_and_passes_loading_arguments_on(backbone, tmp_path):
+    torch.manual_seed(0)
+    stock = STOCK_QA[backbone]._from_config(tiny_backbone_config(backbone))
+    stock.save_pretrained(tmp_path)
+    model = BlockSkimForQuestionAnswering.from_backbone(
+        tmp_path,
+        dtype=torch.bfloat16,
+        attn_implementation="eager",
+        block_size=BLOCK_SIZE,
+        skim_threshold=0.2,
+        sep_token_id=SEP_TOKEN_ID[backbone],
+    )
+    assert model.dtype == torch.bfloat16  # `dtype` is a loading argument, not a Block-Skim setting
+    assert model.config._attn_implementation == "eager"
+    assert (model.config.block_size, model.config.skim_threshold) == (BLOCK_SIZE, 0.2)
+    assert torch.equal(model.qa_outputs.weight, stock.qa_outputs.weight.to(torch.bfloat16))
+    assert torch.equal(
+        model.layers[-1].output.dense.weight, stock.base_model.encoder.layer[-1].output.dense.weight.to(torch.bfloat16)
+    )

@@ -306,6 +306,24 @@ def test_long_context_is_split_into_windows_and_the_best_span_across_them_wins(q
     assert (best["answer"], best["start"]) == ("violet", LONG_CONTEXT.index("violet"))
 
 
+def test_a_very_long_context_is_answered_across_default_windows(qa, model, tokenizer):
+    context = " ".join([LONG_CONTEXT] * 20) + " The ferry to the island is called Zeppelin."
+    statistics = qa(question="Which ferry?", context=context, skim=False, return_skim_statistics=True)
+    tokens = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    assert tokens > 2500  # several times one default window of 384 tokens
+    expected_windows = tokenizer(
+        "Which ferry?", context, truncation="only_second", max_length=384, stride=128, return_overflowing_tokens=True
+    )["input_ids"]
+    assert statistics["skim_statistics"]["num_windows"] == len(expected_windows) >= 10
+    expected = brute_force_spans(model, tokenizer, "Which ferry?", context, skim=False)
+    answers = qa(question="Which ferry?", context=context, top_k=3, skim=False)
+    assert [as_tuple(a)[1:] for a in answers] == [span[1:] for span in expected[:3]]
+    zeppelin = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("Zeppelin"))
+    with forced_answer(model, zeppelin[0], zeppelin[-1]):
+        best = qa(question="Which ferry?", context=context)
+    assert (best["answer"], best["start"]) == ("Zeppelin", context.index("Zeppelin"))
+
+
 def test_results_do_not_depend_on_batch_size_and_keep_input_order(qa):
     inputs = [
         {"question": QUESTION, "context": CONTEXT},

@@ -65,6 +65,18 @@ def test_every_recipe_is_a_valid_run_qa_input(recipe, monkeypatch):
     expected_beta = {"squad": 20, "hotpotqa": 20, "newsqa": 30, "naturalquestions": 30, "triviaqa": 100}
     expected_beta |= {"searchqa": 150, "quickstart": 20}
     assert skim_args.balance_factor == expected_beta[recipe.stem.removeprefix("bert_base_")]
+    assert skim_args.block_skim and skim_args.block_size == 32 and skim_args.harmony_coefficient == 0.1
+    if recipe.stem == "quickstart":
+        assert model_args.model_name_or_path == "minilm" and training_args.use_cpu
+        assert all((ROOT / path).is_file() for path in (data_args.train_file, data_args.validation_file))
+        return
+    # The paper's BERT-base settings (REFERENCE section 1): SQuAD at 384 tokens and batch 16, MRQA at 512 and 32.
+    squad = recipe.stem == "bert_base_squad"
+    assert model_args.model_name_or_path == "google-bert/bert-base-uncased"
+    assert (training_args.learning_rate, training_args.num_train_epochs, training_args.seed) == (3e-5, 2, 42)
+    assert training_args.lr_scheduler_type == "linear"
+    assert training_args.per_device_train_batch_size == (16 if squad else 32)
+    assert (data_args.max_seq_length, data_args.doc_stride) == (384 if squad else 512, 128)
 
 
 def test_train_save_reload_with_remote_code_and_evaluate_with_and_without_skimming(tmp_path):
@@ -80,12 +92,19 @@ def test_train_save_reload_with_remote_code_and_evaluate_with_and_without_skimmi
         "modeling_blockskim.py",
         "pipeline_blockskim.py",
     } <= saved
+    config = json.loads((trained / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForQuestionAnswering"] == "modeling_blockskim.BlockSkimForQuestionAnswering"
+    assert (trained / "README.md").is_file()  # the model card
     log = json.loads((trained / "trainer_state.json").read_text())["log_history"]
     assert all("qa_loss" in entry and "skim_loss" in entry for entry in log if "loss" in entry)
     metrics = json.loads((trained / "eval_results.json").read_text())
     for name in ("eval_exact_match", "eval_f1", "eval_skim_exact_match", "eval_skim_f1", "eval_skim_flops_speedup"):
         assert name in metrics
     assert "EM/F1 with skimming" in result.stdout
+    dev_ids = [qa["id"] for article in _squad_sample("dev")["data"] for p in article["paragraphs"] for qa in p["qas"]]
+    for name in ("eval_predictions.json", "eval_skim_predictions.json"):
+        predictions = json.loads((trained / name).read_text())
+        assert list(predictions) == dev_ids[:24] and all(isinstance(text, str) for text in predictions.values())
 
     reloaded = tmp_path / "reloaded"
     result = _run(["--model_name_or_path", str(trained), "--trust_remote_code", "true", "--do_eval",
@@ -104,6 +123,67 @@ def test_vanilla_baseline_trains_with_the_same_script(tmp_path):
     metrics = json.loads((output / "eval_results.json").read_text())
     assert "eval_f1" in metrics and "eval_skim_f1" not in metrics
     assert json.loads((output / "config.json").read_text())["model_type"] == "bert"
+
+
+def _squad_sample(split: str) -> dict:
+    with gzip.open(SAMPLE / f"{split}-v1.1.json.gz", "rt", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def test_squad_v2_evaluation_prediction_on_mrqa_lines_and_skipped_records(tmp_path):
+    """--version_2_with_negative scores HasAns/NoAns with and without skimming; --do_predict reads MRQA JSON lines
+    (.jsonl.gz) and writes answers; --skip_invalid_records drops a bad record and says how many."""
+    paragraphs = _squad_sample("dev")["data"][0]["paragraphs"][:2]
+    for index, paragraph in enumerate(paragraphs):
+        paragraph["qas"] = paragraph["qas"][:4]
+        paragraph["qas"].append(
+            {"id": f"impossible-{index}", "question": "What did the moon say?", "answers": [], "is_impossible": True}
+        )
+    paragraphs[1]["qas"][0]["answers"][0]["answer_start"] += 1  # a record whose answer is not at its offset
+    v2 = tmp_path / "dev-v2.0.json.gz"
+    with gzip.open(v2, "wt", encoding="utf-8") as handle:
+        json.dump({"version": "v2.0", "data": [{"title": "Super_Bowl_50", "paragraphs": paragraphs}]}, handle)
+    mrqa = tmp_path / "test.jsonl.gz"
+    lines = [{"header": {"dataset": "SQuAD", "split": "dev"}}]
+    for paragraph in paragraphs:
+        qas = []
+        for qa in paragraph["qas"][1:4]:
+            answer = qa["answers"][0]
+            span = [answer["answer_start"], answer["answer_start"] + len(answer["text"]) - 1]
+            detected = [{"text": answer["text"], "char_spans": [span], "token_spans": [[0, 0]]}]
+            qas.append({"qid": f"m-{qa['id']}", "question": qa["question"], "answers": [answer["text"]],
+                        "detected_answers": detected})  # fmt: skip
+        lines.append({"context": paragraph["context"], "qas": qas})
+    with gzip.open(mrqa, "wt", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(line) + "\n" for line in lines)
+
+    output = tmp_path / "v2"
+    result = _run(["--model_name_or_path", "minilm", "--do_eval", "--do_predict", "--validation_file", str(v2),
+                   "--test_file", str(mrqa), "--version_2_with_negative", "--skip_invalid_records",
+                   "--max_seq_length", "192", "--doc_stride", "64", "--per_device_eval_batch_size", "16",
+                   "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
+                   "--output_dir", str(output)], tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"{v2}: skipped 1 invalid record(s) (1 answer_mismatch)" in result.stdout + result.stderr
+    summary = [line for line in result.stdout.splitlines() if line.startswith("EM/F1 with")]
+    assert len(summary) == 2 and not any("nan" in line for line in summary)  # v2 reports "exact", not "exact_match"
+    metrics = json.loads((output / "eval_results.json").read_text())
+    assert metrics["eval_samples"] == 9  # 10 questions, one skipped
+    for prefix in ("eval_", "eval_skim_"):
+        assert (metrics[f"{prefix}HasAns_total"], metrics[f"{prefix}NoAns_total"], metrics[f"{prefix}total"]) == (
+            7,
+            2,
+            9,
+        )
+        assert 0.0 <= metrics[f"{prefix}best_f1"] <= 100.0
+    predictions = json.loads((output / "eval_predictions.json").read_text())
+    assert sorted(predictions) == sorted(
+        [qa["id"] for paragraph in paragraphs for qa in paragraph["qas"] if qa is not paragraphs[1]["qas"][0]]
+    )
+    answers = json.loads((output / "predict_predictions.json").read_text())
+    assert sorted(answers) == sorted(qa["qid"] for line in lines[1:] for qa in line["qas"])
+    predict_metrics = json.loads((output / "predict_results.json").read_text())
+    assert predict_metrics["predict_HasAns_total"] == 6 and "predict_NoAns_total" not in predict_metrics
 
 
 def _free_port() -> int:

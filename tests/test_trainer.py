@@ -129,3 +129,70 @@ def test_predictor_learning_rate_gives_the_predictors_their_own_parameter_group(
         assert group["lr"] == (3e-3 if ids & predictor_ids else 1e-4)
     grouped = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert grouped == {id(p) for p in model.parameters()}
+
+
+def _argmax_answers(examples, features, start_logits, end_logits):
+    """A stand-in for span decoding: the answer of feature i is its arg-max start position, as text."""
+    predictions = [
+        {"id": str(index), "prediction_text": str(int(row[: len(ids)].argmax()))}
+        for index, (row, ids) in enumerate(zip(start_logits, features["input_ids"], strict=True))
+    ]
+    references = [
+        {"id": str(index), "answers": {"text": [str(start)], "answer_start": [0]}}
+        for index, start in enumerate(features["start_positions"])
+    ]
+    return predictions, references
+
+
+def _exact_match(prediction):
+    pairs = zip(prediction.predictions, prediction.label_ids, strict=True)
+    hits = [answer["prediction_text"] in reference["answers"]["text"] for answer, reference in pairs]
+    return {"exact_match": 100.0 * sum(hits) / len(hits)}
+
+
+def _evaluate(tmp_path, model, features, skim_threshold):
+    trainer = BlockSkimTrainer(
+        model=model,
+        args=_args(tmp_path, per_device_eval_batch_size=3),
+        eval_dataset=features,
+        eval_examples=features,
+        post_process_function=_argmax_answers,
+        compute_metrics=_exact_match,
+        skim_threshold=skim_threshold,
+    )
+    return trainer.evaluate()
+
+
+def test_evaluation_reports_both_passes_predictor_quality_and_kept_fractions_at_tau(tmp_path):
+    model, features = tiny_model("bert"), _features(rows=7)
+    batch = {name: torch.tensor(values) for name, values in features.to_dict().items()}
+    with torch.no_grad():
+        labels = model(**batch, output_skim_details=True).block_labels  # (7, blocks)
+    labelled, positive = (labels != -100).sum().item(), (labels == 1).sum().item()
+    assert 0 < positive < labelled
+
+    # tau = 0 keeps every block: recall 1, accuracy = share of positive blocks, nothing dropped, same answers.
+    keep_all = _evaluate(tmp_path, model, features, skim_threshold=0.0)
+    for layer in model.config.skim_layers:
+        assert keep_all[f"eval_predictor_recall_layer_{layer}"] == 1.0
+        assert keep_all[f"eval_predictor_accuracy_layer_{layer}"] == pytest.approx(positive / labelled)
+    assert [keep_all[f"eval_skim_kept_fraction_layer_{i}"] for i in range(3)] == [1.0, 1.0, 1.0]
+    assert keep_all["eval_skim_ideal_speedup"] == 1.0
+    assert 0.9 < keep_all["eval_skim_flops_speedup"] < 1.0  # the predictors cost a little, and nothing is saved
+    assert keep_all["eval_skim_answer_block_recall"] == 1.0
+    assert keep_all["eval_skim_exact_match"] == keep_all["eval_exact_match"]
+    assert "eval_loss" in keep_all and "eval_skim_loss" not in keep_all
+
+    # tau = 1 drops every passage block at the first predictor: only [CLS]+question (block 0) and the block of the
+    # final [SEP] (block 4) stay, 16 of 40 tokens per row; the predictors now find no answer block.
+    drop_all = _evaluate(tmp_path, model, features, skim_threshold=1.0)
+    assert model.config.skim_threshold == 1.0  # the run's tau reached the model
+    for layer in model.config.skim_layers:
+        assert drop_all[f"eval_predictor_recall_layer_{layer}"] == 0.0
+        assert drop_all[f"eval_predictor_accuracy_layer_{layer}"] == pytest.approx(1 - positive / labelled)
+    kept = [drop_all[f"eval_skim_kept_fraction_layer_{i}"] for i in range(3)]
+    assert kept == [1.0, pytest.approx(16 / 40), pytest.approx(16 / 40)]
+    assert drop_all["eval_skim_ideal_speedup"] == pytest.approx(3 / (1 + 0.4 + 0.4))
+    assert drop_all["eval_skim_flops_speedup"] > 1.5
+    assert drop_all["eval_skim_answer_block_recall"] == 0.0
+    assert drop_all["eval_exact_match"] == keep_all["eval_exact_match"]  # the unskimmed pass does not depend on tau
