@@ -119,19 +119,14 @@ def collate(features: datasets.Dataset, indices: Sequence[int], pad_id: int, len
     return batch
 
 
-def processed_lengths(model: BlockSkimForQuestionAnswering, output: Any, lengths: torch.Tensor) -> torch.Tensor:
+def processed_lengths(output: Any) -> torch.Tensor:
     """(batch, layers) positions each layer runs on when the example is alone in its batch.
 
-    Block-Skim pads a window to whole blocks; after a predictor layer each later layer runs on the blocks it kept.
+    A lone skimming example runs every layer on its real, still present tokens: the layers stop at the last real
+    token (no padding to whole blocks) and, after a predictor layer, on the kept blocks' tokens, which stay
+    contiguous. That is exactly `kept_token_counts`, whatever batch the example was evaluated in.
     """
-    config = model.config
-    block_size, layers = config.block_size, config.num_hidden_layers
-    blocks = torch.div(lengths + block_size - 1, block_size, rounding_mode="floor")  # (B,)
-    result = blocks[:, None].repeat(1, layers)
-    kept_blocks = output.block_keep_mask.sum(dim=-1)  # (B, P)
-    for predictor_index, layer in enumerate(config.skim_layers):
-        result[:, layer + 1 :] = kept_blocks[:, predictor_index, None]
-    return result * block_size
+    return output.kept_token_counts
 
 
 def run_pass(
@@ -155,7 +150,7 @@ def run_pass(
             output = model(**batch, **call_kwargs, **({"output_skim_details": True} if skimming else {}))
             real = batch["attention_mask"].sum(dim=1)  # (B,)
             if skimming:
-                processed = processed_lengths(model, output, real).tolist()
+                processed = processed_lengths(output).tolist()
                 kept = output.kept_token_counts.tolist()
             else:
                 processed = kept = real[:, None].repeat(1, layers).tolist()
@@ -314,7 +309,7 @@ def check_flop_counter(
             record("blockskim_no_skim", count_flops(lambda batch=batch: blockskim(**batch, skim=False)), plain)
             for tau in thresholds:
                 details = blockskim(**batch, skim=True, skim_threshold=tau, output_skim_details=True)
-                lengths = processed_lengths(blockskim, details, torch.tensor([n], device=device))[0].tolist()
+                lengths = processed_lengths(details)[0].tolist()
                 analytic = forward_flops(config, lengths, protected_blocks=protected[index])
                 measured = count_flops(lambda batch=batch, tau=tau: blockskim(**batch, skim=True, skim_threshold=tau))
                 record(f"blockskim_tau={tau:g}", measured, analytic)

@@ -35,8 +35,8 @@ class AttentionProbe:
         block_size (`int`, *optional*): when set, record the diagonal-block attention probabilities.
         key_valid (`torch.BoolTensor` of shape `(batch, length)`, *optional*): keys that may be attended to;
             required with `block_size` (padding and filler slots of a compacted batch are `False`).
-        block_probs (`torch.Tensor` of shape `(batch, heads, length // block_size, block_size, block_size)`):
-            filled by the attention function, float32.
+        block_probs (`torch.Tensor` of shape `(batch, heads, ceil(length / block_size), block_size, block_size)`):
+            filled by the attention function, float32; rows of invalid queries are zero.
     """
 
     implementation: str
@@ -184,15 +184,27 @@ def diagonal_block_attention(
 ) -> torch.Tensor:
     """Diagonal-block attention probabilities `(B, H, K, bs, bs)`, differentiable when the inputs require it.
 
+    The sequence need not fill its last block: the missing positions count as padding. Rows of invalid queries
+    (padding, fillers) are zero, so what a block's image holds never depends on how its row was padded.
+
     Args:
+        key_valid (`torch.BoolTensor` of shape `(batch, length)`): real tokens, as keys and as queries.
         lse (`torch.Tensor`, *optional*): the rows' log-sum-exp when the attention kernel already produced it
             (only used without gradient).
     """
+    pad = -query.shape[2] % block_size
+    if pad:
+        query, key = (nn.functional.pad(t, (0, 0, 0, pad)) for t in (query, key))
+        key_valid = nn.functional.pad(key_valid, (0, pad))
+        lse = None if lse is None else nn.functional.pad(lse, (0, pad))
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
-        return _DiagonalBlockProbabilities.apply(query, key, key_valid, scaling, block_size)
-    if lse is None:
-        lse = row_logsumexp(query, key, key_valid, scaling)
-    return diagonal_block_probabilities(query, key, key_valid, lse, scaling, block_size)
+        probs = _DiagonalBlockProbabilities.apply(query, key, key_valid, scaling, block_size)
+    else:
+        if lse is None:
+            lse = row_logsumexp(query, key, key_valid, scaling)
+        probs = diagonal_block_probabilities(query, key, key_valid, lse, scaling, block_size)
+    batch, _, num_blocks = probs.shape[:3]
+    return probs * key_valid.view(batch, 1, num_blocks, block_size, 1)
 
 
 def blockskim_attention_forward(

@@ -38,6 +38,7 @@ from .skimming_blockskim import (
     protected_token_mask,
     scatter_to_input,
     to_original_blocks,
+    used_length,
 )
 
 CUSTOM_PIPELINES = {
@@ -268,9 +269,9 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             )
             return BlockSkimQuestionAnsweringOutput(loss=qa_loss, start_logits=start_logits, end_logits=end_logits)
 
-        state, num_blocks, protected_tokens = self._initial_state(hidden_states, token_valid, input_ids)
+        state, num_blocks, protected_tokens = self._initial_state(hidden_states, token_valid, input_ids, skim)
         state, trace = self._encode_with_predictors(state, num_blocks, skim, threshold, keep_blocks_override)
-        logits = self.qa_outputs(state.hidden_states)  # (B, S * bs, 2)
+        logits = self.qa_outputs(state.hidden_states)  # (B, state.length, 2)
         if skim:
             logits = scatter_to_input(logits, state, num_blocks, length, SKIMMED_LOGIT)  # (B, L, 2)
         start_logits, end_logits = self._split_span_logits(logits[:, :length])
@@ -328,23 +329,31 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         return hidden_states
 
     def _initial_state(
-        self, hidden_states: torch.Tensor, token_valid: torch.Tensor, input_ids: torch.Tensor
+        self, hidden_states: torch.Tensor, token_valid: torch.Tensor, input_ids: torch.Tensor, skim: bool
     ) -> tuple[SkimState, int, torch.Tensor]:
-        """Pad to whole blocks (padding is invalid from the start) and mark the protected tokens and blocks.
+        """Mark the protected tokens and blocks; when skimming, also drop the padding after the last real token.
+
+        Block bookkeeping covers whole blocks (the tail of the last block is invalid), but the hidden states do not:
+        the layers never compute that tail. Without skimming the layers run on the caller's full length, exactly as
+        the stock model does.
 
         Returns:
-            The initial `SkimState`, the number of blocks, and the protected tokens `(batch, blocks * block_size)`.
+            The initial `SkimState`, the number of blocks of the input, and the protected tokens
+            `(batch, blocks * block_size)`.
         """
         block_size = self.config.block_size
         batch, length = token_valid.shape
         num_blocks = -(-length // block_size)
         pad = num_blocks * block_size - length
-        protected = protected_token_mask(input_ids, token_valid, self.config.sep_token_id)  # (B, L)
-        hidden_states = nn.functional.pad(hidden_states, (0, 0, 0, pad))  # (B, K * bs, h)
-        token_valid = nn.functional.pad(token_valid, (0, pad))
-        protected = nn.functional.pad(protected, (0, pad))
-        block_ids = torch.arange(num_blocks, device=hidden_states.device).expand(batch, num_blocks)
-        state = SkimState(hidden_states, token_valid, block_ids, any_per_block(protected, block_size))
+        protected = nn.functional.pad(
+            protected_token_mask(input_ids, token_valid, self.config.sep_token_id), (0, pad)
+        )  # (B, K * bs)
+        used = used_length(token_valid) if skim else length
+        slots = -(-used // block_size)
+        token_valid = nn.functional.pad(token_valid, (0, pad))[:, : slots * block_size]
+        block_ids = torch.arange(slots, device=hidden_states.device).expand(batch, slots)
+        block_protected = any_per_block(protected[:, : slots * block_size], block_size)
+        state = SkimState(hidden_states[:, :used], token_valid, block_ids, block_protected)
         return state, num_blocks, protected
 
     def _encode_with_predictors(
@@ -358,14 +367,14 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         """Run every layer; after each predictor layer judge the blocks and, when skimming, drop the rejected ones."""
         implementation = self.config._attn_implementation
         trace: dict[str, list[torch.Tensor]] = {"block_logits": [], "present": [], "kept": [], "kept_token_counts": []}
-        mask = self._attention_mask(state.hidden_states, state.token_valid)
+        mask = self._attention_mask(state.hidden_states, state.layer_token_valid)
         for index, layer in enumerate(self.layers):
             trace["kept_token_counts"].append(state.token_valid.sum(dim=1))
             predictor = self.skim_predictors[str(index)] if str(index) in self.skim_predictors else None
             probe = AttentionProbe(
                 implementation=implementation,
                 block_size=self.config.block_size if predictor is not None else None,
-                key_valid=state.token_valid if predictor is not None else None,
+                key_valid=state.layer_token_valid if predictor is not None else None,
             )
             state = replace(state, hidden_states=layer(state.hidden_states, mask, blockskim_probe=probe))
             if predictor is None:
@@ -389,7 +398,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             keep = keep_decision(wanted, state.block_protected, block_valid)
             trace["kept"].append(to_original_blocks(keep, state.block_ids, num_blocks, False))
             state = compact(state, keep)
-            mask = self._attention_mask(state.hidden_states, state.token_valid)
+            mask = self._attention_mask(state.hidden_states, state.layer_token_valid)
         return state, trace
 
     def _span_logits(self, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

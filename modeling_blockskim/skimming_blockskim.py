@@ -3,7 +3,8 @@
 Everything here works on whole batches without Python loops over examples or tokens, and never lets one example
 influence another (REFERENCE section 3):
 
-1. padding is never counted or kept (the model pads internally only to a multiple of the block size);
+1. padding is never counted or kept (the layers stop at the last real token; only the block bookkeeping is
+   padded to a multiple of the block size);
 2. `keep = (P(keep) >= tau) | protected`, then `keep &= valid`; protected blocks hold [CLS], the question or a
    separator;
 3. `compact` moves each row's kept blocks to the front in their original order, slices to the batch maximum and
@@ -89,8 +90,12 @@ def answer_block_labels(
 class SkimState:
     """The shrinking sequence between layers; slot s of row b holds original block `block_ids[b, s]`.
 
+    The hidden states stop at the last position any row still uses (`length`), not at a whole number of blocks:
+    the tail of the last block would be padding that every layer computes for nothing (about 8% of a SQuAD window).
+    Block bookkeeping (`token_valid`, `block_*`) covers whole slots; positions past `length` are invalid.
+
     Attributes:
-        hidden_states (`torch.Tensor` of shape `(batch, slots * block_size, hidden)`).
+        hidden_states (`torch.Tensor` of shape `(batch, length, hidden)`), `length <= slots * block_size`.
         token_valid (`torch.BoolTensor` of shape `(batch, slots * block_size)`): real, still present tokens; padding
             and filler slots are `False` and are masked as attention keys.
         block_ids (`torch.LongTensor` of shape `(batch, slots)`): original block index of each slot.
@@ -103,18 +108,37 @@ class SkimState:
     block_protected: torch.Tensor
 
     @property
+    def length(self) -> int:
+        """Positions the layers run on."""
+        return self.hidden_states.shape[1]
+
+    @property
+    def layer_token_valid(self) -> torch.Tensor:
+        """(batch, length) bool: `token_valid` over the positions the layers run on."""
+        return self.token_valid[:, : self.length]
+
+    @property
     def block_valid(self) -> torch.Tensor:
         """(batch, slots) bool: slot holds a block with at least one real token."""
         return any_per_block(self.token_valid, self.block_size)
 
     @property
     def block_size(self) -> int:
-        return self.hidden_states.shape[1] // self.block_ids.shape[1]
+        return self.token_valid.shape[1] // self.block_ids.shape[1]
 
     def token_positions(self) -> torch.Tensor:
         """(batch, slots * block_size) original position of every token slot."""
         offsets = torch.arange(self.block_size, device=self.block_ids.device)  # (bs,)
         return (self.block_ids[:, :, None] * self.block_size + offsets).flatten(1)
+
+
+def used_length(token_valid: torch.Tensor) -> int:
+    """Positions up to the last real token of any row (at least 1): what the layers must run on.
+
+    One host synchronisation.
+    """
+    positions = torch.arange(1, token_valid.shape[1] + 1, device=token_valid.device)  # (L,)
+    return max(int((positions * token_valid).amax()), 1)
 
 
 def keep_decision(wanted: torch.Tensor, block_protected: torch.Tensor, block_valid: torch.Tensor) -> torch.Tensor:
@@ -125,7 +149,7 @@ def keep_decision(wanted: torch.Tensor, block_protected: torch.Tensor, block_val
 def compact(state: SkimState, keep: torch.Tensor) -> SkimState:
     """Physically remove the blocks not kept: gather each row's kept blocks to the front, in original order.
 
-    The result is as long as the row that keeps most blocks; shorter rows end in filler slots whose tokens are
+    The result is as long as the row that keeps most tokens; shorter rows end in filler slots whose tokens are
     marked invalid, so attention masks them and no row's result depends on the others. One host synchronisation
     (the new length) is inherent to a dynamic shape.
 
@@ -134,22 +158,26 @@ def compact(state: SkimState, keep: torch.Tensor) -> SkimState:
         keep (`torch.BoolTensor` of shape `(batch, slots)`): blocks to keep (already restricted to valid ones).
 
     Returns:
-        `SkimState` with `max(keep.sum(1))` slots.
+        `SkimState` with `ceil(length / block_size)` slots, `length` the new last used position.
     """
     batch, slots = keep.shape
     block_size = state.block_size
     kept_per_row = keep.sum(dim=1)  # (B,)
-    new_slots = max(int(kept_per_row.max()), 1)
-    if new_slots == slots and torch.equal(keep, state.block_valid):
+    # Where each kept block's last real token lands: its rank among the row's kept blocks, plus its own extent.
+    offsets = torch.arange(block_size, device=keep.device)  # (bs,)
+    extent = ((offsets + 1) * state.token_valid.view(batch, slots, block_size)).amax(dim=-1)  # (B, S)
+    block_end = (keep.cumsum(dim=1) - 1) * block_size + extent  # (B, S)
+    length = max(int(block_end.masked_fill(~keep, 0).amax()), 1)
+    new_slots = -(-length // block_size)
+    if length == state.length and new_slots == slots and torch.equal(keep, state.block_valid):
         return state  # nothing dropped anywhere
     # Stable sort on "not kept" puts kept blocks first, each group in its current (= original) order.
     order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :new_slots]  # (B, S')
     filled = torch.arange(new_slots, device=keep.device)[None, :] < kept_per_row[:, None]  # (B, S')
-    offsets = torch.arange(block_size, device=keep.device)  # (bs,)
     token_index = (order[:, :, None] * block_size + offsets).flatten(1)  # (B, S' * bs)
-    hidden = state.hidden_states.gather(
-        1, token_index[:, :, None].expand(-1, -1, state.hidden_states.shape[-1])
-    )  # (B, S' * bs, h)
+    # Positions past the current length hold no real token; any index there is masked, so clamp it.
+    hidden_index = token_index[:, :length].clamp(max=state.length - 1)  # (B, length)
+    hidden = state.hidden_states.gather(1, hidden_index[:, :, None].expand(-1, -1, state.hidden_states.shape[-1]))
     token_valid = state.token_valid.gather(1, token_index) & filled.repeat_interleave(block_size, dim=1)
     return replace(
         state,
@@ -171,20 +199,21 @@ def to_original_blocks(values: torch.Tensor, block_ids: torch.Tensor, num_blocks
 def scatter_to_input(
     values: torch.Tensor, state: SkimState, num_blocks: int, length: int, fill: float
 ) -> torch.Tensor:
-    """Put per-slot values `(batch, slots * block_size, ...)` back at the input positions `(batch, length, ...)`.
+    """Put per-position values `(batch, state.length, ...)` back at the input positions `(batch, length, ...)`.
 
     Invalid slots (padding, fillers) and every position that was skimmed get `fill`. Slot positions are distinct
     within a row, so the scatter is deterministic.
 
     Args:
-        values (`torch.Tensor` of shape `(batch, slots * block_size, ...)`).
+        values (`torch.Tensor` of shape `(batch, state.length, ...)`).
         state (`SkimState`): the sequence the values were computed on.
-        num_blocks (`int`): blocks of the internally padded input.
-        length (`int`): the caller's sequence length (the padded input is cropped back to it).
+        num_blocks (`int`): blocks of the input in original coordinates.
+        length (`int`): the caller's sequence length (the block-padded input is cropped back to it).
     """
     trailing = [1] * (values.dim() - 2)
-    values = values.masked_fill(~state.token_valid.reshape(*state.token_valid.shape, *trailing), fill)
-    positions = state.token_positions()  # (B, S * bs)
+    token_valid = state.layer_token_valid
+    values = values.masked_fill(~token_valid.reshape(*token_valid.shape, *trailing), fill)
+    positions = state.token_positions()[:, : state.length]  # (B, length)
     out_shape = (values.shape[0], num_blocks * state.block_size, *values.shape[2:])
     out = torch.full(out_shape, fill, dtype=values.dtype, device=values.device)
     return out.scatter(1, positions.reshape(*positions.shape, *trailing).expand_as(values), values)[:, :length]

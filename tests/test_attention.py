@@ -17,15 +17,20 @@ def _qkv(batch=2, heads=3, length=24, head_dim=8, seed=0, requires_grad=False):
     return [t.requires_grad_(requires_grad) for t in tensors]
 
 
-def _reference_probabilities(query, key, key_valid, scaling):
+def _reference_probabilities(query, key, key_valid, scaling, zero_invalid_queries=True):
+    """Full softmax attention over the valid keys; rows of invalid queries are zero (the predictor never reads)."""
     scores = query @ key.transpose(-1, -2) * scaling
     scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
-    return scores.softmax(dim=-1)  # (B, H, L, L)
+    probs = scores.softmax(dim=-1)  # (B, H, L, L)
+    return probs * key_valid[:, None, :, None] if zero_invalid_queries else probs
 
 
 def _diagonal_blocks(probs, block_size):
+    """(B, H, K, bs, bs) diagonal squares; a last block the sequence does not fill is zero-padded."""
     batch, heads, length, _ = probs.shape
-    blocks = length // block_size
+    blocks = -(-length // block_size)
+    pad = blocks * block_size - length
+    probs = nn.functional.pad(probs, (0, pad, 0, pad))
     return torch.stack(
         [
             probs[:, :, k * block_size : (k + 1) * block_size, k * block_size : (k + 1) * block_size]
@@ -51,8 +56,32 @@ def test_probe_returns_the_diagonal_blocks_of_the_softmax_attention(requires_gra
 
     reference = _reference_probabilities(query, key, key_valid, scaling)
     torch.testing.assert_close(probe.block_probs, _diagonal_blocks(reference, 8), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(output, (reference @ value).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    attention = _reference_probabilities(query, key, key_valid, scaling, zero_invalid_queries=False)
+    torch.testing.assert_close(output, (attention @ value).transpose(1, 2), atol=1e-5, rtol=1e-5)
     assert probe.block_probs.requires_grad == requires_grad
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["fused-inference", "differentiable"])
+def test_probe_handles_a_sequence_that_ends_inside_a_block(requires_grad):
+    # The model runs its layers only up to the last real token, so the last block may be cut short.
+    query, key, value = _qkv(length=21, requires_grad=requires_grad)
+    key_valid = torch.ones(2, 21, dtype=torch.bool)
+    key_valid[1, 17:] = False
+    scaling = 8**-0.5
+    probe = AttentionProbe(implementation="sdpa", block_size=8, key_valid=key_valid)
+    blockskim_attention_forward(
+        _Module(), query, key, value, key_valid[:, None, None, :], scaling=scaling, blockskim_probe=probe
+    )
+    expected = _diagonal_blocks(_reference_probabilities(query, key, key_valid, scaling), 8)
+    assert probe.block_probs.shape == (2, 3, 3, 8, 8)
+    torch.testing.assert_close(probe.block_probs, expected, atol=1e-6, rtol=1e-5)
+    assert (probe.block_probs[1, :, 2, 1:] == 0).all()  # row 1 has one real token in its last block
+    if requires_grad:
+        weights = torch.randn(2, 3, 3, 8, 8)
+        ours = torch.autograd.grad((probe.block_probs * weights).sum(), (query, key))
+        want = torch.autograd.grad((expected * weights).sum(), (query, key))
+        for got, reference in zip(ours, want, strict=True):
+            torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

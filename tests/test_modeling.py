@@ -244,6 +244,38 @@ def test_layers_after_a_skim_decision_receive_fewer_positions(device, dtype):
     assert (output.kept_token_counts[:, 1] < output.kept_token_counts[:, 0]).all()
 
 
+@pytest.mark.parametrize(("device", "dtype"), PLACEMENTS)
+def test_skimming_layers_never_run_on_padding_past_the_last_real_token(device, dtype):
+    # The longest row (93 tokens) ends inside a block; the batch is padded further, to a multiple of the block size.
+    model = tiny_model("bert", num_hidden_layers=4, skim_layers=[0]).to(device=device, dtype=dtype)
+    batch = _to(qa_batch("bert", lengths=(93, 90, 80)), device)
+    batch = {name: torch.nn.functional.pad(tensor, (0, 3)) for name, tensor in batch.items()}  # 96 columns
+    seen_lengths = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda module, args: seen_lengths.append(args[0].shape[1]))
+        for layer in model.layers
+    ]
+    keep = torch.zeros(3, 12, dtype=torch.bool, device=device)
+    keep[:, ::2] = True
+    try:
+        with torch.no_grad():
+            everything = model(**batch, skim=True, skim_threshold=0.0, output_skim_details=True)
+            skimmed = model(**batch, skim=True, keep_blocks_override={0: keep}, output_skim_details=True)
+            full = model(**batch, skim=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen_lengths[:4] == [93] * 4  # keeping every block: the real tokens only, not 96 and not whole blocks
+    # After the skim decision: exactly the most real tokens any row kept (the rows' tokens stay contiguous).
+    assert seen_lengths[5:8] == [int(skimmed.kept_token_counts[:, 1].max())] * 3
+    assert seen_lengths[8:] == [96] * 4  # without skimming the layers run on the caller's length, as stock models do
+    assert everything.start_logits.shape == full.start_logits.shape == (3, 96)
+    valid = batch["attention_mask"].bool()
+    diff = (everything.start_logits - full.start_logits)[valid].abs().max()
+    assert diff <= ATOL[dtype]["oracle"]
+    assert (everything.start_logits[~valid] == SKIMMED_LOGIT).all()
+
+
 # Precision: no overflow in the mask or the skimmed-logit fill ------------------------------------------------------
 
 
