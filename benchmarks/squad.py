@@ -45,7 +45,7 @@ from modeling_blockskim.benchmarking import environment, median, time_side_by_si
 from modeling_blockskim.data import load_qa_dataset, postprocess_qa_predictions, prepare_eval_features
 from modeling_blockskim.flops import count_flops, forward_flops, ideal_speedup
 from modeling_blockskim.metrics import load_squad_metric
-from modeling_blockskim.skimming_blockskim import any_per_block, protected_token_mask
+from modeling_blockskim.skimming_blockskim import any_per_block, protected_token_mask, question_token_mask
 
 DEFAULT_THRESHOLDS = (0.001, 0.01, 0.05, 0.1, 0.3, 0.5)
 
@@ -183,13 +183,16 @@ def blocks_touched(token_mask: torch.Tensor, block_size: int) -> torch.Tensor:
     return any_per_block(torch.nn.functional.pad(token_mask, (0, pad)), block_size)
 
 
-def protected_blocks(features: datasets.Dataset, sep_token_id: int, block_size: int) -> list[int]:
-    """Blocks holding [CLS], question or separators per feature (never judged by a predictor)."""
+def protected_blocks(features: datasets.Dataset, sep_token_id: int, block_size: int) -> list[tuple[int, int]]:
+    """Per feature: blocks holding [CLS], question or separators (never judged by a predictor), and the question
+    tokens (up to the first separators) whose attention question-feature predictors read."""
     counts = []
     for ids in features["input_ids"]:
         input_ids = torch.tensor([ids])
-        protected = protected_token_mask(input_ids, torch.ones_like(input_ids, dtype=torch.bool), sep_token_id)
-        counts.append(int(blocks_touched(protected, block_size).sum()))
+        valid = torch.ones_like(input_ids, dtype=torch.bool)
+        protected = protected_token_mask(input_ids, valid, sep_token_id)
+        question = question_token_mask(input_ids, valid, sep_token_id)
+        counts.append((int(blocks_touched(protected, block_size).sum()), int(question.sum())))
     return counts
 
 
@@ -209,10 +212,12 @@ def oracle_kept_tokens(features: datasets.Dataset, sep_token_id: int, block_size
     return kept
 
 
-def flops_per_feature(config, rows: Sequence[Sequence[int]], predictors: bool, protected: Sequence[int]) -> list[int]:
+def flops_per_feature(
+    config, rows: Sequence[Sequence[int]], predictors: bool, protected: Sequence[tuple[int, int]]
+) -> list[int]:
     return [
-        forward_flops(config, list(row), predictors=predictors, protected_blocks=p)
-        for row, p in zip(rows, protected, strict=True)
+        forward_flops(config, list(row), predictors=predictors, protected_blocks=blocks, question_tokens=question)
+        for row, (blocks, question) in zip(rows, protected, strict=True)
     ]
 
 
@@ -289,7 +294,7 @@ def check_flop_counter(
     features: datasets.Dataset,
     indices: Sequence[int],
     thresholds: Sequence[float],
-    protected: Sequence[int],
+    protected: Sequence[tuple[int, int]],
     pad_id: int,
     device: torch.device,
 ) -> dict[str, float]:
@@ -310,7 +315,8 @@ def check_flop_counter(
             for tau in thresholds:
                 details = blockskim(**batch, skim=True, skim_threshold=tau, output_skim_details=True)
                 lengths = processed_lengths(details)[0].tolist()
-                analytic = forward_flops(config, lengths, protected_blocks=protected[index])
+                blocks, question = protected[index]
+                analytic = forward_flops(config, lengths, protected_blocks=blocks, question_tokens=question)
                 measured = count_flops(lambda batch=batch, tau=tau: blockskim(**batch, skim=True, skim_threshold=tau))
                 record(f"blockskim_tau={tau:g}", measured, analytic)
     return worst

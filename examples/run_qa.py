@@ -135,6 +135,10 @@ class BlockSkimArguments:
     skim_predictor_learning_rate: float | None = field(
         default=None, metadata={"help": "Peak learning rate of the new skim predictors (default: --learning_rate)."}
     )
+    predictor_question_features: bool = field(
+        default=False,
+        metadata={"help": "Predictors also read the block-question attention masses (not in the paper)."},
+    )
 
 
 def parse_arguments() -> tuple[ModelArguments, DataTrainingArguments, BlockSkimArguments, TrainingArguments]:
@@ -209,6 +213,7 @@ def load_model(model_args: ModelArguments, skim_args: BlockSkimArguments):
             balance_factor=skim_args.balance_factor,
             skim_loss_reduction=skim_args.skim_loss_reduction,
             skim_threshold=0.01 if skim_args.skim_threshold is None else skim_args.skim_threshold,
+            predictor_question_features=skim_args.predictor_question_features,
             **hub_kwargs,
         )
     return AutoModelForQuestionAnswering.from_pretrained(

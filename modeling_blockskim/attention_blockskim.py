@@ -35,14 +35,22 @@ class AttentionProbe:
         block_size (`int`, *optional*): when set, record the diagonal-block attention probabilities.
         key_valid (`torch.BoolTensor` of shape `(batch, length)`, *optional*): keys that may be attended to;
             required with `block_size` (padding and filler slots of a compacted batch are `False`).
+        question_index (`torch.LongTensor` of shape `(batch, question_length)`, *optional*): positions of the
+            question tokens, when the block-question attention masses are wanted too; `question_valid` marks the
+            real entries of rows with shorter questions.
         block_probs (`torch.Tensor` of shape `(batch, heads, ceil(length / block_size), block_size, block_size)`):
             filled by the attention function, float32; rows of invalid queries are zero.
+        question_features (`torch.Tensor` of shape `(batch, ceil(length / block_size), 2 * heads)`): filled when
+            `question_index` is given; see `block_question_attention`.
     """
 
     implementation: str
     block_size: int | None = None
     key_valid: torch.Tensor | None = None
+    question_index: torch.Tensor | None = None
+    question_valid: torch.Tensor | None = None
     block_probs: torch.Tensor | None = None
+    question_features: torch.Tensor | None = None
 
 
 def _key_bias(key_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -143,8 +151,7 @@ class _DiagonalBlockProbabilities(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, key, key_valid, scaling: float, block_size: int):
-        lse = row_logsumexp(query, key, key_valid, scaling)
+    def forward(ctx, query, key, key_valid, lse, scaling: float, block_size: int):
         probs = diagonal_block_probabilities(query, key, key_valid, lse, scaling, block_size)
         ctx.save_for_backward(query, key, key_valid, probs)
         ctx.scaling, ctx.block_size = scaling, block_size
@@ -171,7 +178,7 @@ class _DiagonalBlockProbabilities(torch.autograd.Function):
             )  # P^T (g * Q)
         grad_query = grad_query + scaling * lse_grad[..., None] * probs_times_keys.float()
         grad_key = grad_key + scaling * transposed.float()
-        return grad_query.to(query.dtype), grad_key.to(key.dtype), None, None, None
+        return grad_query.to(query.dtype), grad_key.to(key.dtype), None, None, None, None
 
 
 def diagonal_block_attention(
@@ -189,22 +196,71 @@ def diagonal_block_attention(
 
     Args:
         key_valid (`torch.BoolTensor` of shape `(batch, length)`): real tokens, as keys and as queries.
-        lse (`torch.Tensor`, *optional*): the rows' log-sum-exp when the attention kernel already produced it
-            (only used without gradient).
+        lse (`torch.Tensor` of shape `(batch, heads, length)`, *optional*): the rows' log-sum-exp over the valid
+            keys, when already known (it carries no gradient; the exact gradient is `_DiagonalBlockProbabilities`').
     """
+    if lse is None:
+        lse = row_logsumexp(query, key, key_valid, scaling)
     pad = -query.shape[2] % block_size
     if pad:
         query, key = (nn.functional.pad(t, (0, 0, 0, pad)) for t in (query, key))
         key_valid = nn.functional.pad(key_valid, (0, pad))
-        lse = None if lse is None else nn.functional.pad(lse, (0, pad))
+        lse = nn.functional.pad(lse, (0, pad))
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
-        probs = _DiagonalBlockProbabilities.apply(query, key, key_valid, scaling, block_size)
+        probs = _DiagonalBlockProbabilities.apply(query, key, key_valid, lse, scaling, block_size)
     else:
-        if lse is None:
-            lse = row_logsumexp(query, key, key_valid, scaling)
         probs = diagonal_block_probabilities(query, key, key_valid, lse, scaling, block_size)
     batch, _, num_blocks = probs.shape[:3]
     return probs * key_valid.view(batch, 1, num_blocks, block_size, 1)
+
+
+def block_question_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    key_valid: torch.Tensor,
+    lse: torch.Tensor,
+    question_index: torch.Tensor,
+    question_valid: torch.Tensor,
+    scaling: float,
+    block_size: int,
+) -> torch.Tensor:
+    """Per block and head, how much attention flows between the block and the question, without gradient.
+
+    `to_question[b, k, h]`: mean over the block's real tokens of the probability mass they put on the question
+    tokens; `from_question[b, k, h]`: mean over the question tokens of the mass they put on the block. Only the
+    question rows and columns of the attention map are computed, O(length x question x head_dim).
+
+    Args:
+        query, key (`torch.Tensor` of shape `(batch, heads, length, head_dim)`).
+        key_valid (`torch.BoolTensor` of shape `(batch, length)`).
+        lse (`torch.Tensor` of shape `(batch, heads, length)`): log-sum-exp of every query row over the valid keys.
+        question_index, question_valid (`(batch, question_length)`): question positions and which are real.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, ceil(length / block_size), 2 * heads)`, float32: `to_question` for every
+        head, then `from_question`.
+    """
+    with torch.no_grad():
+        batch, heads, length, head_dim = query.shape
+        query, key, lse = query.float(), key.float(), lse.float()
+        index = question_index[:, None, :, None].expand(batch, heads, -1, head_dim)  # (B, H, Q, d)
+        question_weight = question_valid.float()[:, None, None, :]  # (B, 1, 1, Q)
+        # Rows of every token, columns of the question: (B, H, L, Q).
+        scores = torch.matmul(query, key.gather(2, index).transpose(-1, -2)) * scaling
+        to_question = (torch.exp(scores - lse[..., None]) * question_weight).sum(dim=-1)  # (B, H, L)
+        # Rows of the question, columns of every token: (B, H, Q, L).
+        scores = torch.matmul(query.gather(2, index), key.transpose(-1, -2)) * scaling
+        question_lse = lse.gather(2, question_index[:, None, :].expand(batch, heads, -1))  # (B, H, Q)
+        from_tokens = torch.exp(scores + _key_bias(key_valid, torch.float32) - question_lse[..., None])
+        from_question = (from_tokens * question_weight.transpose(-1, -2)).sum(dim=2)  # (B, H, L)
+        from_question = from_question / question_valid.sum(dim=1).clamp(min=1)[:, None, None]
+        pad = -length % block_size
+        valid = nn.functional.pad(key_valid, (0, pad)).float().unflatten(1, (-1, block_size))  # (B, K, bs)
+        to_question = nn.functional.pad(to_question, (0, pad)).unflatten(2, (-1, block_size))  # (B, H, K, bs)
+        from_question = nn.functional.pad(from_question, (0, pad)).unflatten(2, (-1, block_size))
+        to_block = (to_question * valid[:, None]).sum(dim=-1) / valid.sum(dim=-1).clamp(min=1)[:, None]  # (B, H, K)
+        from_block = (from_question * valid[:, None]).sum(dim=-1)  # (B, H, K)
+        return torch.cat([to_block, from_block], dim=1).transpose(1, 2)  # (B, K, 2H)
 
 
 def blockskim_attention_forward(
@@ -242,7 +298,13 @@ def blockskim_attention_forward(
         inner = ALL_ATTENTION_FUNCTIONS[probe.implementation]
         output, _ = inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if probe.block_size is not None:
+        if lse is None:
+            lse = row_logsumexp(query, key, probe.key_valid, scaling)
         probe.block_probs = diagonal_block_attention(query, key, probe.key_valid, scaling, probe.block_size, lse=lse)
+        if probe.question_index is not None:
+            probe.question_features = block_question_attention(
+                query, key, probe.key_valid, lse, probe.question_index, probe.question_valid, scaling, probe.block_size
+            )
     return output, None
 
 

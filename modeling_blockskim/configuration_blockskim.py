@@ -51,6 +51,12 @@ class BlockSkimConfig(PretrainedConfig):
             predictor layers) or `"mean"` (alpha is independent of the depth).
         skim_at_inference (`bool`, *optional*, defaults to `True`):
             Whether an evaluation-mode forward skims. Each call can override it with `skim=...`; training never skims.
+        predictor_question_features (`bool`, *optional*, defaults to `False`):
+            Also give each predictor, next to the block's own attention square (the paper's only input), how much
+            attention flows between the block and the question: per head, the mean mass the block's tokens put on
+            the question tokens and the mass the question tokens put on the block (2 x heads numbers per block,
+            O(length x question) to compute). Not in the paper: the diagonal square never sees the question, and on
+            small backbones it barely predicts where the answer is (see BENCHMARKS.md).
         sep_token_id (`int`, *optional*):
             Id of the separator token. Everything up to the first run of separators (the [CLS] token and the
             question) and every separator are protected from skimming. Defaults to the separator of the backbone's
@@ -87,6 +93,7 @@ class BlockSkimConfig(PretrainedConfig):
     harmony_coefficient: float = 0.1
     skim_loss_reduction: Literal["sum", "mean"] = "sum"
     skim_at_inference: bool = True
+    predictor_question_features: bool = False
     sep_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
@@ -141,8 +148,9 @@ class BlockSkimConfig(PretrainedConfig):
             raise ValueError(
                 f"skim_loss_reduction={self.skim_loss_reduction!r} is not one of {list(SKIM_LOSS_REDUCTIONS)}."
             )
-        if not isinstance(self.skim_at_inference, bool):
-            raise ValueError(f"skim_at_inference must be a bool, got {self.skim_at_inference!r}.")
+        for name in ("skim_at_inference", "predictor_question_features"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
         vocab_size = self.backbone_config.vocab_size
         if not isinstance(self.sep_token_id, int) or not 0 <= self.sep_token_id < vocab_size:
             raise ValueError(f"sep_token_id={self.sep_token_id!r} is out of range: allowed [0, {vocab_size - 1}].")

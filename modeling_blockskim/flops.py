@@ -5,7 +5,8 @@ The analytic count covers everything that multiplies: per encoder layer on n tok
 intermediate size I, the Q/K/V/output projections (8 n h^2), the feed-forward (4 n h I) and the attention products
 (4 n^2 h); the span head (4 n h); and per skim-predictor layer on K blocks of bs tokens with H heads of d dims, the
 diagonal attention blocks (2 K H bs^2 d) and the CNN on the passage blocks (2 K H^2 9 (bs^2 + bs^2/4) plus
-2 K H bs^2/8). Layer norms, softmax and activations are left out, as `torch.utils.flop_counter` leaves them out.
+2 K H bs^2/8), plus, with question features, the question rows and columns of the attention (4 n q H d).
+Layer norms, softmax and activations are left out, as `torch.utils.flop_counter` leaves them out.
 The paper's ideal speedup (Eq. 4) is also here.
 """
 
@@ -43,16 +44,22 @@ def diagonal_block_flops(blocks: int, num_heads: int, head_dim: int, block_size:
     return 2 * blocks * num_heads * block_size * block_size * head_dim
 
 
-def predictor_flops(blocks: int, num_heads: int, block_size: int) -> int:
-    """FLOPs of the skim CNN classifying `blocks` blocks: two 3x3 convolutions and the linear layer."""
+def predictor_flops(blocks: int, num_heads: int, block_size: int, question_features: bool = False) -> int:
+    """FLOPs of the skim CNN classifying `blocks` blocks: two 3x3 convolutions and the linear layer (which reads
+    2 x heads more inputs with question features)."""
     bs, heads = block_size, num_heads
     convolutions = 2 * blocks * heads * heads * 9 * (bs * bs + (bs // 2) ** 2)
-    classifier = 2 * blocks * heads * (bs // 4) ** 2 * 2
+    inputs = heads * (bs // 4) ** 2 + (2 * heads if question_features else 0)
+    classifier = 2 * blocks * inputs * 2
     return convolutions + classifier
 
 
 def forward_flops(
-    config: BlockSkimConfig, tokens_per_layer: Sequence[int], predictors: bool = True, protected_blocks: int = 0
+    config: BlockSkimConfig,
+    tokens_per_layer: Sequence[int],
+    predictors: bool = True,
+    protected_blocks: int = 0,
+    question_tokens: int = 0,
 ) -> int:
     """Analytic FLOPs of one forward pass.
 
@@ -63,6 +70,8 @@ def forward_flops(
         predictors (`bool`, defaults to `True`): count the skim predictors, which read the diagonal blocks of
             every block present and classify the passage (not protected) ones.
         protected_blocks (`int`, defaults to 0): blocks holding [CLS], question or separators, never classified.
+        question_tokens (`int`, defaults to 0): tokens up to the first separators, whose attention rows and columns
+            the predictors read when `config.predictor_question_features` is set (4 H n q d per predictor layer).
 
     Returns:
         `int` FLOPs.
@@ -81,7 +90,9 @@ def forward_flops(
         for layer in config.skim_layers:
             blocks = -(-tokens_per_layer[layer] // bs)
             total += diagonal_block_flops(blocks, heads, head_dim, bs)
-            total += predictor_flops(blocks - protected_blocks, heads, bs)
+            total += predictor_flops(blocks - protected_blocks, heads, bs, config.predictor_question_features)
+            if config.predictor_question_features:
+                total += 4 * heads * tokens_per_layer[layer] * question_tokens * head_dim
     return total
 
 

@@ -36,8 +36,10 @@ from .skimming_blockskim import (
     compact,
     keep_decision,
     protected_token_mask,
+    question_token_mask,
     scatter_to_input,
     to_original_blocks,
+    token_index,
     used_length,
 )
 
@@ -141,7 +143,9 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         backbone_config = config.backbone_config
         self.skim_predictors = nn.ModuleDict(
             {
-                str(layer): BlockSkimPredictor(backbone_config.num_attention_heads, config.block_size)
+                str(layer): BlockSkimPredictor(
+                    backbone_config.num_attention_heads, config.block_size, config.predictor_question_features
+                )
                 for layer in config.skim_layers
             }
         )
@@ -270,7 +274,13 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             return BlockSkimQuestionAnsweringOutput(loss=qa_loss, start_logits=start_logits, end_logits=end_logits)
 
         state, num_blocks, protected_tokens = self._initial_state(hidden_states, token_valid, input_ids, skim)
-        state, trace = self._encode_with_predictors(state, num_blocks, skim, threshold, keep_blocks_override)
+        # Question tokens sit in protected leading blocks, which compaction never moves: their positions hold.
+        question = (
+            token_index(question_token_mask(input_ids, token_valid, self.config.sep_token_id))
+            if self.config.predictor_question_features
+            else None
+        )
+        state, trace = self._encode_with_predictors(state, num_blocks, skim, threshold, keep_blocks_override, question)
         logits = self.qa_outputs(state.hidden_states)  # (B, state.length, 2)
         if skim:
             logits = scatter_to_input(logits, state, num_blocks, length, SKIMMED_LOGIT)  # (B, L, 2)
@@ -363,8 +373,13 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         skim: bool,
         threshold: float,
         keep_blocks_override: dict[int, torch.Tensor] | None,
+        question: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[SkimState, dict[str, list[torch.Tensor]]]:
-        """Run every layer; after each predictor layer judge the blocks and, when skimming, drop the rejected ones."""
+        """Run every layer; after each predictor layer judge the blocks and, when skimming, drop the rejected ones.
+
+        `question` holds the question positions and their validity (`token_index`) when the predictors also read
+        the block-question attention.
+        """
         implementation = self.config._attn_implementation
         trace: dict[str, list[torch.Tensor]] = {"block_logits": [], "present": [], "kept": [], "kept_token_counts": []}
         mask = self._attention_mask(state.hidden_states, state.layer_token_valid)
@@ -375,6 +390,8 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
                 implementation=implementation,
                 block_size=self.config.block_size if predictor is not None else None,
                 key_valid=state.layer_token_valid if predictor is not None else None,
+                question_index=question[0] if predictor is not None and question is not None else None,
+                question_valid=question[1] if predictor is not None and question is not None else None,
             )
             state = replace(state, hidden_states=layer(state.hidden_states, mask, blockskim_probe=probe))
             if predictor is None:
@@ -384,7 +401,8 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             judged = block_valid & ~state.block_protected  # (B, S)
             block_probs = probe.block_probs.transpose(1, 2)  # (B, S, H, bs, bs)
             logits = block_probs.new_zeros(*block_valid.shape, 2, dtype=self.qa_outputs.weight.dtype)
-            logits[judged] = predictor(block_probs[judged])  # (B, S, 2)
+            extra = probe.question_features[judged] if probe.question_features is not None else None
+            logits[judged] = predictor(block_probs[judged], extra)  # (B, S, 2)
             trace["block_logits"].append(to_original_blocks(logits, state.block_ids, num_blocks, 0.0))
             trace["present"].append(to_original_blocks(block_valid, state.block_ids, num_blocks, False))
             if not skim:

@@ -18,9 +18,12 @@ class BlockSkimPredictor(nn.Module):
     Args:
         num_heads (`int`): attention heads of the layer it reads (the image's channels).
         block_size (`int`): tokens per block, a multiple of 4 (two 2x2 poolings).
+        question_features (`bool`, defaults to `False`): also read 2 x `num_heads` block-question attention
+            masses (`BlockSkimConfig.predictor_question_features`), batch-normalised and joined to the CNN
+            features before the linear layer.
     """
 
-    def __init__(self, num_heads: int, block_size: int):
+    def __init__(self, num_heads: int, block_size: int, question_features: bool = False):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(num_heads, num_heads, kernel_size=3, padding=1),
@@ -32,18 +35,39 @@ class BlockSkimPredictor(nn.Module):
             nn.ReLU(),
             nn.AvgPool2d(2),
         )
-        self.classifier = nn.Linear(num_heads * (block_size // 4) ** 2, 2)
+        extra = 2 * num_heads if question_features else 0
+        self.question_norm = nn.BatchNorm1d(extra) if question_features else None
+        self.classifier = nn.Linear(num_heads * (block_size // 4) ** 2 + extra, 2)
 
-    def forward(self, block_probs: torch.Tensor) -> torch.Tensor:
+    def forward(self, block_probs: torch.Tensor, question_features: torch.Tensor | None = None) -> torch.Tensor:
         """Classify blocks.
 
         Args:
             block_probs (`torch.Tensor` of shape `(num_blocks, heads, block_size, block_size)`): the blocks to judge,
                 only real ones (so BatchNorm statistics never see padding).
+            question_features (`torch.Tensor` of shape `(num_blocks, 2 * heads)`, *optional*): required when the
+                predictor was built with `question_features=True`.
 
         Returns:
             `torch.Tensor` of shape `(num_blocks, 2)`: logits of (skim, keep).
         """
         dtype = self.classifier.weight.dtype
-        features = self.features(block_probs.to(dtype))  # (N, H, bs/4, bs/4)
-        return self.classifier(features.flatten(1))  # (N, 2)
+        features = self.features(block_probs.to(dtype)).flatten(1)  # (N, H * bs/4 * bs/4)
+        if self.question_norm is not None:
+            if question_features is None:
+                raise ValueError("This predictor reads block-question attention: pass question_features.")
+            norm = self.question_norm
+            # Batch statistics need two blocks or more; a lone judged block is normalised with the running ones.
+            batch_statistics = norm.training and question_features.shape[0] > 1
+            question = nn.functional.batch_norm(
+                question_features.to(dtype),
+                norm.running_mean,
+                norm.running_var,
+                norm.weight,
+                norm.bias,
+                training=batch_statistics,
+                momentum=norm.momentum,
+                eps=norm.eps,
+            )
+            features = torch.cat([features, question], dim=1)
+        return self.classifier(features)  # (N, 2)

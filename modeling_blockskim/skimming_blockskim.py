@@ -24,11 +24,10 @@ IGNORE_INDEX = -100
 """Block label of blocks that do not enter the skim loss: protected, padding, or absent."""
 
 
-def protected_token_mask(input_ids: torch.Tensor, token_valid: torch.Tensor, sep_token_id: int) -> torch.Tensor:
-    """Tokens that are never skimmed: everything up to the end of the first run of separators, and every separator.
+def question_token_mask(input_ids: torch.Tensor, token_valid: torch.Tensor, sep_token_id: int) -> torch.Tensor:
+    """Everything up to the end of the first run of separators: [CLS], the question and its separator(s).
 
-    For `[CLS] question [SEP] context [SEP]` (BERT, ELECTRA) and `<s> question </s></s> context </s>` (RoBERTa)
-    this is the [CLS] token, the question and the separators. A row without a separator is protected entirely.
+    A row without a separator is all question.
 
     Args:
         input_ids (`torch.LongTensor` of shape `(batch, length)`).
@@ -44,8 +43,37 @@ def protected_token_mask(input_ids: torch.Tensor, token_valid: torch.Tensor, sep
     first_sep = torch.where(is_sep.any(dim=1), is_sep.int().argmax(dim=1), length - 1)  # (B,)
     up_to_first = positions[None, :] <= first_sep[:, None]  # (B, L)
     # Stays 1 through the question, then through the separators that directly follow the first one.
-    prefix = torch.cumprod((up_to_first | is_sep).int(), dim=1).bool()  # (B, L)
-    return (prefix | is_sep) & token_valid
+    return torch.cumprod((up_to_first | is_sep).int(), dim=1).bool() & token_valid
+
+
+def protected_token_mask(input_ids: torch.Tensor, token_valid: torch.Tensor, sep_token_id: int) -> torch.Tensor:
+    """Tokens that are never skimmed: everything up to the end of the first run of separators, and every separator.
+
+    For `[CLS] question [SEP] context [SEP]` (BERT, ELECTRA) and `<s> question </s></s> context </s>` (RoBERTa)
+    this is the [CLS] token, the question and the separators. A row without a separator is protected entirely.
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `(batch, length)`).
+        token_valid (`torch.BoolTensor` of shape `(batch, length)`): real tokens (the attention mask).
+        sep_token_id (`int`).
+
+    Returns:
+        `torch.BoolTensor` of shape `(batch, length)`.
+    """
+    is_sep = (input_ids == sep_token_id) & token_valid
+    return question_token_mask(input_ids, token_valid, sep_token_id) | is_sep
+
+
+def token_index(token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the marked tokens of each row, front-aligned: `(index, valid)`, both `(batch, max marked)`.
+
+    Rows with fewer marked tokens end in entries that point at position 0 and are not `valid`.
+    """
+    counts = token_mask.sum(dim=1)  # (B,)
+    width = max(int(counts.max()), 1)
+    order = torch.sort((~token_mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # (B, W)
+    valid = torch.arange(width, device=token_mask.device)[None, :] < counts[:, None]
+    return order.masked_fill(~valid, 0), valid
 
 
 def any_per_block(token_mask: torch.Tensor, block_size: int) -> torch.Tensor:

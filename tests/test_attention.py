@@ -6,6 +6,7 @@ from torch import nn
 
 from modeling_blockskim.attention_blockskim import (
     AttentionProbe,
+    block_question_attention,
     blockskim_attention_forward,
     diagonal_block_probabilities,
 )
@@ -127,3 +128,50 @@ def test_diagonal_block_probabilities_sum_to_at_most_one_per_row():
     blocks = diagonal_block_probabilities(query, key, key_valid, lse, 0.3, 8)
     assert blocks.shape == (2, 3, 3, 8, 8)
     assert (blocks.sum(-1) <= 1 + 1e-6).all() and (blocks >= 0).all()
+
+
+def test_block_question_attention_equals_the_question_rows_and_columns_of_the_softmax():
+    query, key, value = _qkv(length=21)
+    key_valid = torch.ones(2, 21, dtype=torch.bool)
+    key_valid[1, 17:] = False
+    question = torch.zeros(2, 21, dtype=torch.bool)
+    question[0, :6] = True
+    question[1, :4] = True
+    question_index = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 0]])
+    question_valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    scaling = 8**-0.5
+    probe = AttentionProbe(
+        implementation="sdpa",
+        block_size=8,
+        key_valid=key_valid,
+        question_index=question_index,
+        question_valid=question_valid,
+    )
+    blockskim_attention_forward(
+        _Module(), query, key, value, key_valid[:, None, None, :], scaling=scaling, blockskim_probe=probe
+    )
+    probs = _reference_probabilities(query, key, key_valid, scaling)  # (B, H, L, L), invalid query rows zero
+    expected = torch.zeros(2, 3, 6)  # (B, K, 2H)
+    for row in range(2):
+        for block in range(3):
+            tokens = [t for t in range(block * 8, min(block * 8 + 8, 21)) if key_valid[row, t]]
+            for head in range(3):
+                to_question = probs[row, head][tokens][:, question[row]].sum(dim=-1).mean()
+                from_question = probs[row, head][question[row]][:, tokens].sum(dim=-1).mean()
+                expected[row, block, head] = to_question
+                expected[row, block, 3 + head] = from_question
+    assert probe.question_features.shape == (2, 3, 6)
+    torch.testing.assert_close(probe.question_features, expected, atol=1e-6, rtol=1e-5)
+    direct = block_question_attention(
+        query,
+        key,
+        key_valid,
+        torch.logsumexp(
+            (query @ key.transpose(-1, -2) * scaling).masked_fill(~key_valid[:, None, None, :], -1e30), dim=-1
+        ),
+        question_index,
+        question_valid,
+        scaling,
+        8,
+    )
+    torch.testing.assert_close(direct, expected, atol=1e-6, rtol=1e-5)

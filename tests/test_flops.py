@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from modeling_blockskim.flops import count_flops, forward_flops, ideal_speedup
+from modeling_blockskim.skimming_blockskim import question_token_mask
 
 from .testing_utils import BLOCK_SIZE, qa_batch, tiny_model
 
@@ -34,3 +35,20 @@ def test_forward_flops_rejects_a_wrong_number_of_layers():
     model = tiny_model("bert")
     with pytest.raises(ValueError, match="3 layers"):
         forward_flops(model.config, [BLOCK_SIZE] * 2)
+
+
+@pytest.mark.parametrize("question_features", [False, True], ids=["paper-predictor", "question-features"])
+def test_analytic_flops_match_the_counter_when_the_last_block_is_cut_short(question_features):
+    model = tiny_model("bert", num_hidden_layers=4, predictor_question_features=question_features)
+    batch = qa_batch("bert", lengths=(61, 61))  # 8 blocks, the last holding 5 tokens
+    keep = torch.tensor([[True, False, True, False, False, True, False, True]] * 2)
+    kwargs = {"skim": True, "keep_blocks_override": {0: keep}}
+    with torch.no_grad():
+        details = model(**batch, **kwargs, output_skim_details=True)
+        measured = count_flops(lambda: model(**batch, **kwargs))
+    tokens = details.kept_token_counts[0].tolist()
+    assert tokens == [61, 29, 29, 29]  # blocks 0, 2, 5 and the short block 7: the layers never run on padding
+    valid = batch["attention_mask"].bool()
+    question = int(question_token_mask(batch["input_ids"], valid, model.config.sep_token_id)[0].sum())
+    analytic = 2 * forward_flops(model.config, tokens, protected_blocks=2, question_tokens=question)
+    assert analytic == measured

@@ -149,8 +149,10 @@ def _mixed_batch(count=16, seed=0):
 
 
 @pytest.mark.parametrize(("device", "dtype"), PLACEMENTS)
-def test_example_keeps_the_same_blocks_and_answer_alone_and_in_a_mixed_batch(device, dtype):
-    model = tiny_model("bert", num_hidden_layers=4).to(device=device, dtype=dtype)
+@pytest.mark.parametrize("question_features", [False, True], ids=["paper-predictor", "question-features"])
+def test_example_keeps_the_same_blocks_and_answer_alone_and_in_a_mixed_batch(device, dtype, question_features):
+    model = tiny_model("bert", num_hidden_layers=4, predictor_question_features=question_features)
+    model = model.to(device=device, dtype=dtype)
     batch, lengths = _mixed_batch()
     batch = _to(batch, device)
     with torch.no_grad():
@@ -185,6 +187,27 @@ def test_example_keeps_the_same_blocks_and_answer_alone_and_in_a_mixed_batch(dev
         assert (together.start_logits[row, :length][~kept] == SKIMMED_LOGIT).all()
         compared += 1
     assert compared >= 12  # flips on the threshold are rare; most examples are compared in full
+
+
+def test_question_feature_predictors_train_and_survive_a_save_and_load(tmp_path):
+    model = tiny_model("bert", num_hidden_layers=4, predictor_question_features=True).train()
+    batch = qa_batch("bert", lengths=(70, 52, 40))
+    labels = {"start_positions": torch.tensor([40, 30, 20]), "end_positions": torch.tensor([42, 30, 33])}
+    output = model(**batch, **labels, output_skim_details=True)
+    output.skim_loss.backward()
+    predictor = model.skim_predictors["0"]
+    extra = predictor.classifier.weight.grad[:, -2 * predictor.question_norm.num_features :]
+    assert predictor.question_norm.weight.grad.abs().sum() > 0 and extra.abs().sum() > 0
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = BlockSkimForQuestionAnswering.from_pretrained(tmp_path).eval()
+    assert loaded.config.predictor_question_features
+    with torch.no_grad():
+        before = model(**batch, skim=False, output_skim_details=True).block_logits
+        after = loaded(**batch, skim=False, output_skim_details=True).block_logits
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+    judged = before.abs().sum(dim=-1) > 0
+    assert judged.sum() > 0
 
 
 # 4. Protection ------------------------------------------------------------------------------------------------------
