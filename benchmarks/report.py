@@ -33,7 +33,14 @@ def _title(result: dict[str, Any]) -> str:
         "SQuAD v1.1 dev" if result["variant"] == "squad" else f"SQuAD-long ({setup['paragraphs_joined']} paragraphs)"
     )
     subset = f", random subset of {setup['questions']} questions" if setup.get("max_questions") else ""
-    return f"{name}, max_seq_length {setup['max_seq_length']}{subset}"
+    return f"{name}, max_seq_length {setup['max_seq_length']}{subset}; {_predictor(result)}"
+
+
+def _predictor(result: dict[str, Any]) -> str:
+    """Which skim predictor the Block-Skim model has (results written before the option existed: the paper's)."""
+    if result["setup"].get("predictor_question_features", False):
+        return "predictors read the diagonal attention square and the block-question attention"
+    return "predictors read the diagonal attention square only (the paper's)"
 
 
 def _label(name: str) -> str:
@@ -138,7 +145,8 @@ def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
     for _stem, result in results:
         rows = result["rows"]
         taus = [name for name in rows if name.startswith("blockskim_tau")]
-        label = _title(result).split(",")[0] + f" {result['setup']['max_seq_length']}"
+        predictor = "question features" if result["setup"].get("predictor_question_features") else "paper predictor"
+        label = _title(result).split(",")[0] + f" {result['setup']['max_seq_length']} ({predictor})"
         for axis, key, title in (
             (axes[0], "flops_speedup_vs_dynamic", "FLOPs speedup vs dynamic padding"),
             (axes[1], "wall", "CPU wall-clock speedup vs dynamic padding (largest batch)"),
@@ -223,7 +231,13 @@ def main() -> None:
             results.append((path.stem, data))
     if not results:
         raise SystemExit(f"no squad results in {args.results}; run benchmarks/squad.py first.")
-    results.sort(key=lambda item: (item[1]["variant"] != "squad", item[1]["setup"]["max_seq_length"]))
+    results.sort(
+        key=lambda item: (
+            not item[1]["setup"].get("predictor_question_features", False),
+            item[1]["variant"] != "squad",
+            item[1]["setup"]["max_seq_length"],
+        )
+    )
     plot_paths = plot(results, args.plots)
     generated = render(results, plot_paths)
     text = args.markdown.read_text() if args.markdown.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"

@@ -520,6 +520,7 @@ def main() -> None:
             "thresholds": args.thresholds,
             "block_size": config.block_size,
             "skim_layers": config.skim_layers,
+            "predictor_question_features": config.predictor_question_features,
             "dtype": args.dtype,
             "timing_windows": len(sample),
             "timing_repeats": args.repeats,

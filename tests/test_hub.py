@@ -143,16 +143,26 @@ def checkpoint(model, tokenizer, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def expected(model, tokenizer) -> dict:
-    """Logits and pipeline answers of the local model, which every copy from a Hub must reproduce."""
+def reference_logits(model, tokenizer) -> list[torch.Tensor]:
+    """Start/end logits of the test question without and with skimming everything unprotected."""
     inputs = tokenizer(QUESTION, CONTEXT, return_tensors="pt")
     with torch.no_grad():
         full = model(**inputs, skim=False)
         skimmed = model(**inputs, skim=True, skim_threshold=SKIM_EVERYTHING_UNPROTECTED)
+    return [full.start_logits, full.end_logits, skimmed.start_logits, skimmed.end_logits]
+
+
+def assert_same_logits(loaded, tokenizer, expected: dict) -> None:
+    for remote, local in zip(reference_logits(loaded, tokenizer), expected["logits"], strict=True):
+        torch.testing.assert_close(remote, local, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def expected(model, tokenizer) -> dict:
+    """Logits and pipeline answers of the local model, which every copy from a Hub must reproduce."""
     qa = BlockSkimQuestionAnsweringPipeline(model=model, tokenizer=tokenizer, device="cpu")
     return {
-        "logits": [full.start_logits, full.end_logits, skimmed.start_logits, skimmed.end_logits],
+        "logits": reference_logits(model, tokenizer),
         "answers": json.loads(json.dumps([qa(question=QUESTION, context=CONTEXT, **call) for call in CALLS])),
     }
 
@@ -316,14 +326,7 @@ def test_push_checkpoint_uploads_every_file_and_the_upload_loads_with_the_same_l
 
     folder = recording_hub.export(REPO_ID, tmp_path / "clone")
     loaded = AutoModelForQuestionAnswering.from_pretrained(folder, trust_remote_code=True).eval()
-    inputs = tokenizer(QUESTION, CONTEXT, return_tensors="pt")
-    with torch.no_grad():
-        full = loaded(**inputs, skim=False)
-        skimmed = loaded(**inputs, skim=True, skim_threshold=SKIM_EVERYTHING_UNPROTECTED)
-    for remote, local in zip(
-        [full.start_logits, full.end_logits, skimmed.start_logits, skimmed.end_logits], expected["logits"], strict=True
-    ):
-        torch.testing.assert_close(remote, local, rtol=1e-5, atol=1e-5)
+    assert_same_logits(loaded, tokenizer, expected)
 
 
 @HF_HUB_LFS_UPLOAD_WARNING
@@ -437,14 +440,7 @@ def test_model_and_tokenizer_push_to_hub_upload_a_checkpoint_that_loads_as_a_pip
     assert card.library_name == "transformers" and "block-skim" not in (card.tags or [])
 
     loaded = AutoModelForQuestionAnswering.from_pretrained(folder, trust_remote_code=True).eval()
-    inputs = tokenizer(QUESTION, CONTEXT, return_tensors="pt")
-    with torch.no_grad():
-        full = loaded(**inputs, skim=False)
-        skimmed = loaded(**inputs, skim=True, skim_threshold=SKIM_EVERYTHING_UNPROTECTED)
-    for remote, local in zip(
-        [full.start_logits, full.end_logits, skimmed.start_logits, skimmed.end_logits], expected["logits"], strict=True
-    ):
-        torch.testing.assert_close(remote, local, rtol=1e-5, atol=1e-5)
+    assert_same_logits(loaded, tokenizer, expected)
     qa = pipeline("question-answering", model=str(folder), trust_remote_code=True, device="cpu")
     answers = json.loads(json.dumps([qa(question=QUESTION, context=CONTEXT, **call) for call in CALLS]))
     assert rounded(answers) == rounded(expected["answers"])
