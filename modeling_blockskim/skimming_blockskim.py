@@ -51,14 +51,7 @@ def protected_token_mask(input_ids: torch.Tensor, token_valid: torch.Tensor, sep
 
     For `[CLS] question [SEP] context [SEP]` (BERT, ELECTRA) and `<s> question </s></s> context </s>` (RoBERTa)
     this is the [CLS] token, the question and the separators. A row without a separator is protected entirely.
-
-    Args:
-        input_ids (`torch.LongTensor` of shape `(batch, length)`).
-        token_valid (`torch.BoolTensor` of shape `(batch, length)`): real tokens (the attention mask).
-        sep_token_id (`int`).
-
-    Returns:
-        `torch.BoolTensor` of shape `(batch, length)`.
+    Arguments and result as for `question_token_mask`.
     """
     is_sep = (input_ids == sep_token_id) & token_valid
     return question_token_mask(input_ids, token_valid, sep_token_id) | is_sep
