@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,8 +39,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 from transformers.masking_utils import create_bidirectional_mask
 
-from modeling_blockskim import BlockSkimForQuestionAnswering
-from modeling_blockskim.benchmarking import environment, median, time_side_by_side
+from modeling_blockskim import BlockSkimConfig, BlockSkimForQuestionAnswering
+from modeling_blockskim.benchmarking import atomic_write_json, environment, median, time_side_by_side
 from modeling_blockskim.data import load_qa_dataset, postprocess_qa_predictions, prepare_eval_features
 from modeling_blockskim.flops import count_flops, forward_flops, ideal_speedup
 from modeling_blockskim.metrics import load_squad_metric
@@ -332,6 +331,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vanilla", required=True, help="vanilla QA checkpoint (run_qa.py --block_skim false)")
     parser.add_argument("--blockskim", required=True, help="Block-Skim checkpoint (run_qa.py --block_skim true)")
     parser.add_argument("--dev-file", required=True, help="SQuAD v1.1 dev JSON (plain or .gz)")
+    parser.add_argument(
+        "--skim-layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="predictor layers to use at inference, a subset of the checkpoint's (default: all it was trained with)",
+    )
     parser.add_argument("--variant", choices=["squad", "squad-long"], default="squad")
     parser.add_argument("--paragraphs", type=int, default=4, help="paragraphs joined per context for squad-long")
     parser.add_argument("--max-seq-length", type=int, default=384)
@@ -356,20 +362,21 @@ def load_models(
 ) -> tuple[torch.nn.Module, BlockSkimForQuestionAnswering]:
     dtype = getattr(torch, args.dtype)
     vanilla = AutoModelForQuestionAnswering.from_pretrained(args.vanilla, attn_implementation="sdpa", dtype=dtype)
-    blockskim = BlockSkimForQuestionAnswering.from_pretrained(args.blockskim, dtype=dtype)
+    trained = BlockSkimConfig.from_pretrained(args.blockskim).skim_layers
+    layers = trained if args.skim_layers is None else sorted(set(args.skim_layers))
+    if not set(layers) <= set(trained):
+        raise ValueError(
+            f"--skim-layers {args.skim_layers}: {args.blockskim} has trained predictors only for layers {trained}."
+        )
+    # Predictors of unused layers are left out of the model (transformers reports them as unexpected keys).
+    blockskim = BlockSkimForQuestionAnswering.from_pretrained(args.blockskim, dtype=dtype, skim_layers=layers)
     if vanilla.config.model_type == "blockskim":
         raise ValueError(f"--vanilla {args.vanilla} is a Block-Skim checkpoint; pass the vanilla model.")
     return vanilla.to(device).eval(), blockskim.to(device).eval()
 
 
-def main() -> None:
-    args = parse_args()
-    device = torch.device(args.device)
-    batch_sizes = args.timing_batch_sizes or ([1, 32] if device.type == "cuda" else [1, 16])
-    vanilla, blockskim = load_models(args, device)
-    config = blockskim.config
-    tokenizer = AutoTokenizer.from_pretrained(args.blockskim)
-
+def load_dev_features(args: argparse.Namespace, tokenizer) -> tuple[datasets.Dataset, datasets.Dataset, Any]:
+    """The dev questions of `--variant` (a seeded `--max-questions` subset) and their windows with gold positions."""
     examples, report = load_qa_dataset(args.dev_file)
     if args.variant == "squad-long":
         examples = squad_long(examples, args.paragraphs)
@@ -387,6 +394,26 @@ def main() -> None:
         },
         desc="eval windows",
     )
+    return examples, features, report
+
+
+def score(examples: datasets.Dataset, features: datasets.Dataset, result: Pass, metric=None) -> dict[str, float]:
+    """EM/F1 of one pass, with the official SQuAD v1.1 metric."""
+    metric = metric or load_squad_metric()
+    predictions, references = postprocess_qa_predictions(examples, features, result.start_logits, result.end_logits)
+    scores = metric.compute(predictions=predictions, references=references)
+    return {"exact_match": scores["exact_match"], "f1": scores["f1"]}
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    batch_sizes = args.timing_batch_sizes or ([1, 32] if device.type == "cuda" else [1, 16])
+    vanilla, blockskim = load_models(args, device)
+    config = blockskim.config
+    tokenizer = AutoTokenizer.from_pretrained(args.blockskim)
+
+    examples, features, report = load_dev_features(args, tokenizer)
     lengths = [len(ids) for ids in features["input_ids"]]
     layers = config.num_hidden_layers
     protected = protected_blocks(features, config.sep_token_id, config.block_size)
@@ -404,11 +431,8 @@ def main() -> None:
     for name, (model, call_kwargs) in row_calls.items():
         result = run_pass(model, features, args.eval_batch_size, tokenizer.pad_token_id, device, call_kwargs, name)
         passes[name] = result
-        predictions, references = postprocess_qa_predictions(
-            examples, features, result.start_logits, result.end_logits
-        )
-        scores = metric.compute(predictions=predictions, references=references)
-        rows[name] = {"exact_match": scores["exact_match"], "f1": scores["f1"]}
+        rows[name] = score(examples, features, result, metric)
+        scores = rows[name]
         print(f"{name:>24}: EM {scores['exact_match']:.2f}  F1 {scores['f1']:.2f}")
 
     # --- FLOPs ------------------------------------------------------------------------------------------------------
@@ -536,17 +560,8 @@ def main() -> None:
         "timing": timing,
         "training": training_cost(args.vanilla, args.blockskim),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.output.with_suffix(".tmp")
-    temporary.write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
-    temporary.replace(args.output)
+    atomic_write_json(args.output, result)
     print(f"wrote {args.output}")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
 
 
 def training_cost(vanilla_dir: str, blockskim_dir: str) -> dict[str, Any] | None:

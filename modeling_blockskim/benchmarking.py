@@ -9,6 +9,8 @@ machine noise hits them alike.
 from __future__ import annotations
 
 import datetime
+import json
+import math
 import os
 import platform
 import shlex
@@ -89,6 +91,20 @@ def environment(device: torch.device | str = "cpu") -> dict[str, object]:
     if device.type == "cuda":
         record["gpu"] = torch.cuda.get_device_name(device)
     return record
+
+
+def atomic_write_json(path: Path, data: object) -> None:
+    """Write a results file through a temporary sibling, so an interrupted run never leaves half a JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    temporary.replace(path)
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
 
 
 def _git_revision() -> str | None:

@@ -67,11 +67,12 @@ def forward_flops(
         config (`BlockSkimConfig`): the model's configuration.
         tokens_per_layer (`Sequence[int]`): positions each encoder layer processes (`num_hidden_layers` entries);
             the span head runs on the last layer's positions.
-        predictors (`bool`, defaults to `True`): count the skim predictors, which read the diagonal blocks of
-            every block present and classify the passage (not protected) ones.
+        predictors (`bool`, defaults to `True`): count the skim predictors, which read the diagonal blocks of the
+            passage (not protected) blocks present and classify them.
         protected_blocks (`int`, defaults to 0): blocks holding [CLS], question or separators, never classified.
         question_tokens (`int`, defaults to 0): tokens up to the first separators, whose attention rows and columns
-            the predictors read when `config.predictor_question_features` is set (4 H n q d per predictor layer).
+            the predictors read when `config.predictor_question_features` is set (4 H N bs q d per predictor layer
+            for N judged blocks).
 
     Returns:
         `int` FLOPs.
@@ -88,11 +89,11 @@ def forward_flops(
         head_dim = backbone.hidden_size // backbone.num_attention_heads
         heads, bs = backbone.num_attention_heads, config.block_size
         for layer in config.skim_layers:
-            blocks = -(-tokens_per_layer[layer] // bs)
-            total += diagonal_block_flops(blocks, heads, head_dim, bs)
-            total += predictor_flops(blocks - protected_blocks, heads, bs, config.predictor_question_features)
+            judged = max(-(-tokens_per_layer[layer] // bs) - protected_blocks, 0)
+            total += diagonal_block_flops(judged, heads, head_dim, bs)
+            total += predictor_flops(judged, heads, bs, config.predictor_question_features)
             if config.predictor_question_features:
-                total += 4 * heads * tokens_per_layer[layer] * question_tokens * head_dim
+                total += 4 * heads * judged * bs * question_tokens * head_dim
     return total
 
 

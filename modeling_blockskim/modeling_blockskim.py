@@ -280,11 +280,16 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             if self.config.predictor_question_features
             else None
         )
-        state, trace = self._encode_with_predictors(state, num_blocks, skim, threshold, keep_blocks_override, question)
+        record = has_labels or output_skim_details
+        state, trace = self._encode_with_predictors(
+            state, num_blocks, skim, threshold, keep_blocks_override, question, record
+        )
         logits = self.qa_outputs(state.hidden_states)  # (B, state.length, 2)
         if skim:
             logits = scatter_to_input(logits, state, num_blocks, length, SKIMMED_LOGIT)  # (B, L, 2)
         start_logits, end_logits = self._split_span_logits(logits[:, :length])
+        if not record:
+            return BlockSkimQuestionAnsweringOutput(start_logits=start_logits, end_logits=end_logits)
 
         block_logits = torch.stack(trace["block_logits"], dim=1)  # (B, P, K, 2)
         present = torch.stack(trace["present"], dim=1)  # (B, P, K)
@@ -374,39 +379,48 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         threshold: float,
         keep_blocks_override: dict[int, torch.Tensor] | None,
         question: tuple[torch.Tensor, torch.Tensor] | None = None,
+        record: bool = True,
     ) -> tuple[SkimState, dict[str, list[torch.Tensor]]]:
         """Run every layer; after each predictor layer judge the blocks and, when skimming, drop the rejected ones.
 
         `question` holds the question positions and their validity (`token_index`) when the predictors also read
-        the block-question attention.
+        the block-question attention. `record` fills the trace (block logits, presence, keep masks, kept-token
+        counts in original coordinates) that losses and skim details need; a plain skimming forward skips it, as
+        its scatters cost about as much as the keep decision on small batches.
         """
         implementation = self.config._attn_implementation
         trace: dict[str, list[torch.Tensor]] = {"block_logits": [], "present": [], "kept": [], "kept_token_counts": []}
         mask = self._attention_mask(state.hidden_states, state.layer_token_valid)
         for index, layer in enumerate(self.layers):
-            trace["kept_token_counts"].append(state.token_valid.sum(dim=1))
+            if record:
+                trace["kept_token_counts"].append(state.token_valid.sum(dim=1))
             predictor = self.skim_predictors[str(index)] if str(index) in self.skim_predictors else None
-            probe = AttentionProbe(
-                implementation=implementation,
-                block_size=self.config.block_size if predictor is not None else None,
-                key_valid=state.layer_token_valid if predictor is not None else None,
-                question_index=question[0] if predictor is not None and question is not None else None,
-                question_valid=question[1] if predictor is not None and question is not None else None,
-            )
+            if predictor is None:
+                probe = AttentionProbe(implementation=implementation)
+            else:
+                block_valid = state.block_valid  # (B, S)
+                # Only passage blocks are judged: protected blocks are always kept and never labelled.
+                judged = (block_valid & ~state.block_protected).nonzero()  # (N, 2) row-major (row, slot)
+                probe = AttentionProbe(
+                    implementation=implementation,
+                    block_size=self.config.block_size,
+                    key_valid=state.layer_token_valid,
+                    judged_blocks=judged,
+                    question_index=question[0] if question is not None else None,
+                    question_valid=question[1] if question is not None else None,
+                )
             state = replace(state, hidden_states=layer(state.hidden_states, mask, blockskim_probe=probe))
             if predictor is None:
                 continue
-            block_valid = state.block_valid  # (B, S)
-            # Only passage blocks are judged: protected blocks are always kept and never labelled.
-            judged = block_valid & ~state.block_protected  # (B, S)
-            block_probs = probe.block_probs.transpose(1, 2)  # (B, S, H, bs, bs)
-            logits = block_probs.new_zeros(*block_valid.shape, 2, dtype=self.qa_outputs.weight.dtype)
-            extra = probe.question_features[judged] if probe.question_features is not None else None
-            logits[judged] = predictor(block_probs[judged], extra)  # (B, S, 2)
-            trace["block_logits"].append(to_original_blocks(logits, state.block_ids, num_blocks, 0.0))
-            trace["present"].append(to_original_blocks(block_valid, state.block_ids, num_blocks, False))
+            logits = state.hidden_states.new_zeros(*block_valid.shape, 2, dtype=self.qa_outputs.weight.dtype)
+            if judged.shape[0] > 0:
+                logits[judged[:, 0], judged[:, 1]] = predictor(probe.block_probs, probe.question_features)
+            if record:
+                trace["block_logits"].append(to_original_blocks(logits, state.block_ids, num_blocks, 0.0))
+                trace["present"].append(to_original_blocks(block_valid, state.block_ids, num_blocks, False))
             if not skim:
-                trace["kept"].append(trace["present"][-1])
+                if record:
+                    trace["kept"].append(trace["present"][-1])
                 continue
             if keep_blocks_override is not None and index in keep_blocks_override:
                 wanted = keep_blocks_override[index].to(device=block_valid.device, dtype=torch.bool)
@@ -414,7 +428,8 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             else:
                 wanted = logits.float().softmax(dim=-1)[..., 1] >= threshold  # (B, S)
             keep = keep_decision(wanted, state.block_protected, block_valid)
-            trace["kept"].append(to_original_blocks(keep, state.block_ids, num_blocks, False))
+            if record:
+                trace["kept"].append(to_original_blocks(keep, state.block_ids, num_blocks, False))
             state = compact(state, keep)
             mask = self._attention_mask(state.hidden_states, state.layer_token_valid)
         return state, trace

@@ -6,9 +6,11 @@ from torch import nn
 
 from modeling_blockskim.attention_blockskim import (
     AttentionProbe,
-    block_question_attention,
+    JudgedBlocks,
     blockskim_attention_forward,
-    diagonal_block_probabilities,
+    judged_block_probabilities,
+    judged_block_question_attention,
+    row_logsumexp,
 )
 
 
@@ -45,18 +47,31 @@ class _Module(nn.Module):
     is_causal = False
 
 
+def _all_blocks(key_valid, block_size):
+    """(N, 2) every block holding a valid token, row-major, as the model passes its judged blocks."""
+    pad = -key_valid.shape[1] % block_size
+    return nn.functional.pad(key_valid, (0, pad)).unflatten(1, (-1, block_size)).any(-1).nonzero()
+
+
+def _probe(key_valid, block_size=8, judged=None, **kwargs):
+    judged = _all_blocks(key_valid, block_size) if judged is None else judged
+    return AttentionProbe("sdpa", block_size=block_size, key_valid=key_valid, judged_blocks=judged, **kwargs)
+
+
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["fused-inference", "differentiable"])
 def test_probe_returns_the_diagonal_blocks_of_the_softmax_attention(requires_grad):
     query, key, value = _qkv(requires_grad=requires_grad)
     key_valid = torch.ones(2, 24, dtype=torch.bool)
     key_valid[1, 19:] = False
     scaling = 8**-0.5
-    probe = AttentionProbe(implementation="sdpa", block_size=8, key_valid=key_valid)
+    judged = torch.tensor([[0, 0], [0, 2], [1, 1], [1, 2]])  # any subset of the blocks, e.g. passage blocks only
+    probe = _probe(key_valid, judged=judged)
     mask = key_valid[:, None, None, :]  # the model's own mask always agrees with key_valid
     output, _ = blockskim_attention_forward(_Module(), query, key, value, mask, scaling=scaling, blockskim_probe=probe)
 
-    reference = _reference_probabilities(query, key, key_valid, scaling)
-    torch.testing.assert_close(probe.block_probs, _diagonal_blocks(reference, 8), atol=1e-6, rtol=1e-5)
+    reference = _diagonal_blocks(_reference_probabilities(query, key, key_valid, scaling), 8)  # (B, H, K, bs, bs)
+    expected = reference[judged[:, 0], :, judged[:, 1]]  # (N, H, bs, bs)
+    torch.testing.assert_close(probe.block_probs, expected, atol=1e-6, rtol=1e-5)
     attention = _reference_probabilities(query, key, key_valid, scaling, zero_invalid_queries=False)
     torch.testing.assert_close(output, (attention @ value).transpose(1, 2), atol=1e-5, rtol=1e-5)
     assert probe.block_probs.requires_grad == requires_grad
@@ -69,16 +84,17 @@ def test_probe_handles_a_sequence_that_ends_inside_a_block(requires_grad):
     key_valid = torch.ones(2, 21, dtype=torch.bool)
     key_valid[1, 17:] = False
     scaling = 8**-0.5
-    probe = AttentionProbe(implementation="sdpa", block_size=8, key_valid=key_valid)
+    probe = _probe(key_valid)
     blockskim_attention_forward(
         _Module(), query, key, value, key_valid[:, None, None, :], scaling=scaling, blockskim_probe=probe
     )
-    expected = _diagonal_blocks(_reference_probabilities(query, key, key_valid, scaling), 8)
-    assert probe.block_probs.shape == (2, 3, 3, 8, 8)
+    expected = _diagonal_blocks(_reference_probabilities(query, key, key_valid, scaling), 8).transpose(1, 2)
+    expected = expected.flatten(0, 1)  # (B * K, H, bs, bs): every block holds a real token here
+    assert probe.block_probs.shape == (6, 3, 8, 8)
     torch.testing.assert_close(probe.block_probs, expected, atol=1e-6, rtol=1e-5)
-    assert (probe.block_probs[1, :, 2, 1:] == 0).all()  # row 1 has one real token in its last block
+    assert (probe.block_probs[5, :, 1:] == 0).all()  # row 1 has one real token in its last block
     if requires_grad:
-        weights = torch.randn(2, 3, 3, 8, 8)
+        weights = torch.randn(6, 3, 8, 8)
         ours = torch.autograd.grad((probe.block_probs * weights).sum(), (query, key))
         want = torch.autograd.grad((expected * weights).sum(), (query, key))
         for got, reference in zip(ours, want, strict=True):
@@ -90,11 +106,12 @@ def test_probe_gradient_equals_autograd_through_the_full_softmax(dtype):
     query, key, _ = [t.to(dtype).requires_grad_(True) for t in _qkv(length=32)]
     key_valid = torch.ones(2, 32, dtype=torch.bool)
     key_valid[0, 27:] = False
-    weights = torch.randn(2, 3, 4, 8, 8, dtype=dtype)
-    probe = AttentionProbe(implementation="sdpa", block_size=8, key_valid=key_valid)
+    weights = torch.randn(8, 3, 8, 8)
+    probe = _probe(key_valid)
     blockskim_attention_forward(_Module(), query, key, query, key_valid[:, None, None, :], blockskim_probe=probe)
     ours = torch.autograd.grad((probe.block_probs * weights).sum(), (query, key))
     reference = _diagonal_blocks(_reference_probabilities(query, key, key_valid, 8**-0.5), 8)
+    reference = reference.transpose(1, 2).flatten(0, 1).float()  # (B * K, H, bs, bs)
     expected = torch.autograd.grad((reference * weights).sum(), (query, key))
     for got, want in zip(ours, expected, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
@@ -102,7 +119,7 @@ def test_probe_gradient_equals_autograd_through_the_full_softmax(dtype):
 
 def test_probe_gradient_reaches_queries_and_keys():
     query, key, value = _qkv(requires_grad=True)
-    probe = AttentionProbe(implementation="sdpa", block_size=8, key_valid=torch.ones(2, 24, dtype=torch.bool))
+    probe = _probe(torch.ones(2, 24, dtype=torch.bool))
     blockskim_attention_forward(_Module(), query, key, value, None, blockskim_probe=probe)
     probe.block_probs.sum().backward()
     assert query.grad.abs().sum() > 0 and key.grad.abs().sum() > 0
@@ -121,13 +138,26 @@ def test_without_probe_the_model_implementation_runs_unchanged(implementation):
     assert weights is None
 
 
-def test_diagonal_block_probabilities_sum_to_at_most_one_per_row():
+def test_block_probabilities_sum_to_at_most_one_per_row():
     query, key, _ = _qkv()
     key_valid = torch.ones(2, 24, dtype=torch.bool)
     lse = torch.logsumexp(query @ key.transpose(-1, -2) * 0.3, dim=-1)
-    blocks = diagonal_block_probabilities(query, key, key_valid, lse, 0.3, 8)
-    assert blocks.shape == (2, 3, 3, 8, 8)
-    assert (blocks.sum(-1) <= 1 + 1e-6).all() and (blocks >= 0).all()
+    blocks = JudgedBlocks.from_index(_all_blocks(key_valid, 8), key_valid, 8)
+    probs = judged_block_probabilities(query, key, lse, blocks, 0.3)
+    assert probs.shape == (6, 3, 8, 8)
+    assert (probs.sum(-1) <= 1 + 1e-6).all() and (probs >= 0).all()
+
+
+def test_row_logsumexp_gradient_equals_autograd_through_the_full_scores():
+    query, key, _ = [t.double().requires_grad_(True) for t in _qkv(length=20)]
+    key_valid = torch.ones(2, 20, dtype=torch.bool)
+    key_valid[1, 13:] = False
+    weights = torch.randn(2, 3, 20, dtype=torch.float64)
+    ours = torch.autograd.grad((row_logsumexp(query, key, key_valid, 0.4) * weights).sum(), (query, key))
+    scores = (query @ key.transpose(-1, -2) * 0.4).masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    expected = torch.autograd.grad((torch.logsumexp(scores, dim=-1) * weights).sum(), (query, key))
+    for got, want in zip(ours, expected, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_block_question_attention_equals_the_question_rows_and_columns_of_the_softmax():
@@ -140,13 +170,7 @@ def test_block_question_attention_equals_the_question_rows_and_columns_of_the_so
     question_index = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 0]])
     question_valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
     scaling = 8**-0.5
-    probe = AttentionProbe(
-        implementation="sdpa",
-        block_size=8,
-        key_valid=key_valid,
-        question_index=question_index,
-        question_valid=question_valid,
-    )
+    probe = _probe(key_valid, question_index=question_index, question_valid=question_valid)
     blockskim_attention_forward(
         _Module(), query, key, value, key_valid[:, None, None, :], scaling=scaling, blockskim_probe=probe
     )
@@ -160,18 +184,13 @@ def test_block_question_attention_equals_the_question_rows_and_columns_of_the_so
                 from_question = probs[row, head][question[row]][:, tokens].sum(dim=-1).mean()
                 expected[row, block, head] = to_question
                 expected[row, block, 3 + head] = from_question
-    assert probe.question_features.shape == (2, 3, 6)
+    expected = expected.flatten(0, 1)  # (N, 2H): every block holds a real token here
+    assert probe.question_features.shape == (6, 6)
     torch.testing.assert_close(probe.question_features, expected, atol=1e-6, rtol=1e-5)
-    direct = block_question_attention(
-        query,
-        key,
-        key_valid,
-        torch.logsumexp(
-            (query @ key.transpose(-1, -2) * scaling).masked_fill(~key_valid[:, None, None, :], -1e30), dim=-1
-        ),
-        question_index,
-        question_valid,
-        scaling,
-        8,
+    lse = torch.logsumexp(
+        (query @ key.transpose(-1, -2) * scaling).masked_fill(~key_valid[:, None, None, :], -1e30), dim=-1
     )
-    torch.testing.assert_close(direct, expected, atol=1e-6, rtol=1e-5)
+    judged = torch.tensor([[0, 1], [1, 2]])
+    blocks = JudgedBlocks.from_index(judged, key_valid, 8)
+    direct = judged_block_question_attention(query, key, lse, blocks, question_index, question_valid, scaling)
+    torch.testing.assert_close(direct, expected[[1, 5]], atol=1e-6, rtol=1e-5)

@@ -118,3 +118,38 @@ def test_squad_benchmark_writes_every_row_with_exact_flops_and_report_renders(ti
     assert f"| Block-Skim, τ = 0.5 | {result['rows']['blockskim_tau=0.5']['exact_match']:.2f} | {f1:.2f} |" in text
     assert (tmp_path / "plots" / "f1_vs_speedup.png").stat().st_size > 0
     assert (tmp_path / "plots" / "kept_fraction_per_layer.png").stat().st_size > 0
+
+
+def test_predictor_layer_sweep_scores_every_layer_set_and_threshold(tiny_models, tmp_path):
+    vanilla, blockskim = tiny_models
+    output = tmp_path / "layers.json"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "predictor_layers.py"),
+        *("--vanilla", str(vanilla), "--blockskim", str(blockskim), "--dev-file", str(SAMPLE_DEV)),
+        *("--max-questions", "6", "--layer-sets", "0,1", "1", "--thresholds", "0", "1", "--output", str(output)),
+    ]
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
+    rows = json.loads(output.read_text())["rows"]
+    assert list(rows) == ["vanilla", "layers=0,1 tau=0", "layers=0,1 tau=1", "layers=1 tau=0", "layers=1 tau=1"]
+    # tau = 0 keeps every block: the predictors only add FLOPs, and fewer of them add less.
+    assert (
+        rows["layers=0,1 tau=0"]["flops_speedup_vs_dynamic"] < rows["layers=1 tau=0"]["flops_speedup_vs_dynamic"] < 1
+    )
+    # tau = 1 keeps only protected blocks: skimming after layer 0 saves more than after layer 1.
+    assert (
+        rows["layers=0,1 tau=1"]["flops_speedup_vs_dynamic"] > rows["layers=1 tau=1"]["flops_speedup_vs_dynamic"] > 1
+    )
+    assert rows["layers=1 tau=0"]["f1"] == pytest.approx(rows["layers=0,1 tau=0"]["f1"])
+
+
+def test_squad_benchmark_refuses_predictor_layers_the_checkpoint_lacks(tiny_models, tmp_path):
+    vanilla, blockskim = tiny_models
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "squad.py"),
+        *("--vanilla", str(vanilla), "--blockskim", str(blockskim), "--dev-file", str(SAMPLE_DEV)),
+        *("--skim-layers", "1", "5", "--output", str(tmp_path / "x.json")),
+    ]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and "has trained predictors only for layers [0, 1]" in run.stderr

@@ -1,0 +1,107 @@
+"""Which predictor layers and which tau to recommend: accuracy and FLOPs of every (layer set, tau) on a dev subset.
+
+Every predictor is an independent head trained jointly, so a model trained with predictors after layers 0..4 can
+skim with any subset of them (the others are left out at load time). Fewer predictor layers cost less per forward
+(on a 6-layer MiniLM each one adds a few percent of a layer's time at batch 1), more of them skim more tokens. This
+script measures the trade-off on a seeded subset of the questions, without timing, so the recommended setting is
+chosen on evidence and then timed by `benchmarks/squad.py --skim-layers ...` on the full dev set:
+
+    python benchmarks/predictor_layers.py --vanilla models/vanilla --blockskim models/blockskim \
+        --dev-file data/squad/dev-v1.1.json.gz --max-questions 1000 \
+        --layer-sets 0,1,2,3,4 1,2,3,4 1,3 1 --thresholds 0.5 0.7 0.8 0.9 \
+        --output benchmarks/results/predictor_layers_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from squad import (
+    flops_per_feature,
+    load_dev_features,
+    protected_blocks,
+    run_pass,
+    score,
+)
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+from modeling_blockskim import BlockSkimConfig, BlockSkimForQuestionAnswering
+from modeling_blockskim.benchmarking import atomic_write_json, environment
+from modeling_blockskim.flops import forward_flops
+from modeling_blockskim.metrics import load_squad_metric
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vanilla", required=True)
+    parser.add_argument("--blockskim", required=True)
+    parser.add_argument("--dev-file", required=True)
+    parser.add_argument("--variant", choices=["squad", "squad-long"], default="squad")
+    parser.add_argument("--paragraphs", type=int, default=4)
+    parser.add_argument("--max-seq-length", type=int, default=384)
+    parser.add_argument("--doc-stride", type=int, default=128)
+    parser.add_argument("--max-questions", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layer-sets", nargs="+", required=True, help="comma-separated layer indices, e.g. 1,3")
+    parser.add_argument("--thresholds", type=float, nargs="+", required=True)
+    parser.add_argument("--eval-batch-size", type=int, default=64)
+    parser.add_argument("--output", type=Path, required=True)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cpu")
+    tokenizer = AutoTokenizer.from_pretrained(args.blockskim)
+    trained = BlockSkimConfig.from_pretrained(args.blockskim).skim_layers
+    layer_sets = [sorted({int(layer) for layer in spec.split(",")}) for spec in args.layer_sets]
+    for layers in layer_sets:
+        if not set(layers) <= set(trained):
+            raise ValueError(f"--layer-sets {layers}: {args.blockskim} has trained predictors for {trained} only.")
+    examples, features, _ = load_dev_features(args, tokenizer)
+    metric = load_squad_metric()
+    lengths = [len(ids) for ids in features["input_ids"]]
+    vanilla = AutoModelForQuestionAnswering.from_pretrained(args.vanilla, attn_implementation="sdpa").eval()
+    pad = tokenizer.pad_token_id
+    baseline = run_pass(vanilla, features, args.eval_batch_size, pad, device, {}, "vanilla")
+    rows = {"vanilla": score(examples, features, baseline, metric)}
+    for layers in layer_sets:
+        model = BlockSkimForQuestionAnswering.from_pretrained(args.blockskim, skim_layers=layers).eval()
+        config = model.config
+        protected = protected_blocks(features, config.sep_token_id, config.block_size)
+        dynamic = sum(flops_per_feature(config, [[n] * config.num_hidden_layers for n in lengths], False, protected))
+        padded = forward_flops(config, [args.max_seq_length] * config.num_hidden_layers, predictors=False)
+        for tau in args.thresholds:
+            name = f"layers={','.join(map(str, layers))} tau={tau:g}"
+            result = run_pass(
+                model, features, args.eval_batch_size, pad, device, {"skim": True, "skim_threshold": tau}, name
+            )
+            flops = sum(flops_per_feature(config, result.processed, True, protected))
+            rows[name] = {
+                **score(examples, features, result, metric),
+                "skim_layers": layers,
+                "threshold": tau,
+                "flops_speedup_vs_dynamic": dynamic / flops,
+                "flops_speedup_vs_padded": padded * len(lengths) / flops,
+            }
+            print(f"{name:>28}: F1 {rows[name]['f1']:.2f}  FLOPs x{rows[name]['flops_speedup_vs_dynamic']:.2f}")
+    atomic_write_json(
+        args.output,
+        {
+            "benchmark": "predictor_layers",
+            "variant": args.variant,
+            "setup": {
+                **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "windows": len(lengths),
+            },
+            "environment": environment(device),
+            "rows": rows,
+        },
+    )
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
