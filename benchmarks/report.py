@@ -191,7 +191,32 @@ def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
     return [str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path) for path in written]
 
 
-def render(results: list[tuple[str, dict[str, Any]]], plot_paths: list[str]) -> str:
+def layer_sweep_section(stem: str, sweep: dict[str, Any]) -> str:
+    """The (predictor layers, tau) sweep of `benchmarks/predictor_layers.py`: accuracy against FLOPs."""
+    setup, rows = sweep["setup"], sweep["rows"]
+    vanilla = rows["vanilla"]
+    lines = [
+        f"### Choice of predictor layers and τ ({setup['max_questions']} seeded dev questions, max_seq_length "
+        f"{setup['max_seq_length']}, no timing)",
+        f"Source: `benchmarks/results/{stem}.json`, command `{sweep['environment']['command']}`. Vanilla on the same "
+        f"questions: EM {vanilla['exact_match']:.2f}, F1 {vanilla['f1']:.2f}.",
+        "| predictor layers | τ | EM | F1 | F1 − vanilla | FLOPs × vs dynamic | FLOPs × vs padded |\n"
+        "|---|---|---|---|---|---|---|",
+    ]
+    table = [
+        f"| {', '.join(map(str, row['skim_layers']))} | {row['threshold']:g} | {row['exact_match']:.2f} | "
+        f"{row['f1']:.2f} | {row['f1'] - vanilla['f1']:+.2f} | {row['flops_speedup_vs_dynamic']:.2f} | "
+        f"{row['flops_speedup_vs_padded']:.2f} |"
+        for name, row in rows.items()
+        if name != "vanilla"
+    ]
+    lines[-1] += "\n" + "\n".join(table)
+    return "\n\n".join(lines)
+
+
+def render(
+    results: list[tuple[str, dict[str, Any]]], plot_paths: list[str], sweeps: list[tuple[str, dict[str, Any]]] = ()
+) -> str:
     sections = []
     for stem, result in results:
         training = result.get("training")
@@ -213,6 +238,7 @@ def render(results: list[tuple[str, dict[str, Any]]], plot_paths: list[str]) -> 
                 f"{training['blockskim_over_vanilla_samples_per_second']:.3f}× the vanilla throughput."
             )
         sections.append("\n\n".join(parts))
+    sections += [layer_sweep_section(stem, sweep) for stem, sweep in sweeps]
     figures = "\n\n".join(f"![{Path(path).stem}]({path})" for path in plot_paths)
     return "\n\n".join([*sections, figures])
 
@@ -224,11 +250,13 @@ def main() -> None:
     parser.add_argument("--plots", type=Path, default=ROOT / "benchmarks" / "plots")
     args = parser.parse_args()
 
-    results = []
+    results, sweeps = [], []
     for path in sorted(args.results.glob("*.json")):
         data = json.loads(path.read_text())
         if data.get("benchmark") == "squad":
             results.append((path.stem, data))
+        elif data.get("benchmark") == "predictor_layers":
+            sweeps.append((path.stem, data))
     if not results:
         raise SystemExit(f"no squad results in {args.results}; run benchmarks/squad.py first.")
     results.sort(
@@ -239,7 +267,7 @@ def main() -> None:
         )
     )
     plot_paths = plot(results, args.plots)
-    generated = render(results, plot_paths)
+    generated = render(results, plot_paths, sweeps)
     text = args.markdown.read_text() if args.markdown.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{args.markdown} lacks the {BEGIN} / {END} markers that delimit the generated part.")

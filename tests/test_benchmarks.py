@@ -141,6 +141,11 @@ def test_predictor_layer_sweep_scores_every_layer_set_and_threshold(tiny_models,
         rows["layers=0,1 tau=1"]["flops_speedup_vs_dynamic"] > rows["layers=1 tau=1"]["flops_speedup_vs_dynamic"] > 1
     )
     assert rows["layers=1 tau=0"]["f1"] == pytest.approx(rows["layers=0,1 tau=0"]["f1"])
+    section = _load_script("report").layer_sweep_section("layers", json.loads(output.read_text()))
+    row = rows["layers=1 tau=1"]
+    assert (
+        f"| 1 | 1 | {row['exact_match']:.2f} | {row['f1']:.2f} | {row['f1'] - rows['vanilla']['f1']:+.2f} |" in section
+    )
 
 
 def test_squad_benchmark_refuses_predictor_layers_the_checkpoint_lacks(tiny_models, tmp_path):
