@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from squad import (
     flops_per_feature,
+    load_blockskim,
     load_dev_features,
     protected_blocks,
     run_pass,
@@ -27,7 +28,6 @@ from squad import (
 )
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-from modeling_blockskim import BlockSkimConfig, BlockSkimForQuestionAnswering
 from modeling_blockskim.benchmarking import atomic_write_json, environment
 from modeling_blockskim.flops import forward_flops
 from modeling_blockskim.metrics import load_squad_metric
@@ -55,11 +55,8 @@ def main() -> None:
     args = parse_args()
     device = torch.device("cpu")
     tokenizer = AutoTokenizer.from_pretrained(args.blockskim)
-    trained = BlockSkimConfig.from_pretrained(args.blockskim).skim_layers
     layer_sets = [sorted({int(layer) for layer in spec.split(",")}) for spec in args.layer_sets]
-    for layers in layer_sets:
-        if not set(layers) <= set(trained):
-            raise ValueError(f"--layer-sets {layers}: {args.blockskim} has trained predictors for {trained} only.")
+    models = [load_blockskim(args.blockskim, layers).eval() for layers in layer_sets]  # fails before any pass
     examples, features, _ = load_dev_features(args, tokenizer)
     metric = load_squad_metric()
     lengths = [len(ids) for ids in features["input_ids"]]
@@ -67,8 +64,7 @@ def main() -> None:
     pad = tokenizer.pad_token_id
     baseline = run_pass(vanilla, features, args.eval_batch_size, pad, device, {}, "vanilla")
     rows = {"vanilla": score(examples, features, baseline, metric)}
-    for layers in layer_sets:
-        model = BlockSkimForQuestionAnswering.from_pretrained(args.blockskim, skim_layers=layers).eval()
+    for layers, model in zip(layer_sets, models, strict=True):
         config = model.config
         protected = protected_blocks(features, config.sep_token_id, config.block_size)
         dynamic = sum(flops_per_feature(config, [[n] * config.num_hidden_layers for n in lengths], False, protected))

@@ -357,19 +357,27 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def load_blockskim(path: str, skim_layers: Sequence[int] | None = None, **kwargs) -> BlockSkimForQuestionAnswering:
+    """A Block-Skim checkpoint skimming with `skim_layers`, a subset of its trained predictors (default: all).
+
+    Predictors of unused layers are left out of the model (transformers reports them as unexpected keys); a layer
+    without a trained predictor is refused rather than initialised at random.
+    """
+    trained = BlockSkimConfig.from_pretrained(path).skim_layers
+    layers = trained if skim_layers is None else sorted(set(skim_layers))
+    if not set(layers) <= set(trained):
+        raise ValueError(
+            f"predictor layers {list(skim_layers)}: {path} has trained predictors only for layers {trained}."
+        )
+    return BlockSkimForQuestionAnswering.from_pretrained(path, skim_layers=layers, **kwargs)
+
+
 def load_models(
     args: argparse.Namespace, device: torch.device
 ) -> tuple[torch.nn.Module, BlockSkimForQuestionAnswering]:
     dtype = getattr(torch, args.dtype)
     vanilla = AutoModelForQuestionAnswering.from_pretrained(args.vanilla, attn_implementation="sdpa", dtype=dtype)
-    trained = BlockSkimConfig.from_pretrained(args.blockskim).skim_layers
-    layers = trained if args.skim_layers is None else sorted(set(args.skim_layers))
-    if not set(layers) <= set(trained):
-        raise ValueError(
-            f"--skim-layers {args.skim_layers}: {args.blockskim} has trained predictors only for layers {trained}."
-        )
-    # Predictors of unused layers are left out of the model (transformers reports them as unexpected keys).
-    blockskim = BlockSkimForQuestionAnswering.from_pretrained(args.blockskim, dtype=dtype, skim_layers=layers)
+    blockskim = load_blockskim(args.blockskim, args.skim_layers, dtype=dtype)
     if vanilla.config.model_type == "blockskim":
         raise ValueError(f"--vanilla {args.vanilla} is a Block-Skim checkpoint; pass the vanilla model.")
     return vanilla.to(device).eval(), blockskim.to(device).eval()

@@ -158,58 +158,70 @@ def row_logsumexp(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tenso
 
 @dataclass
 class JudgedBlocks:
-    """The tokens of the blocks a predictor judges, gathered from a `(batch, heads, length, ...)` layout.
+    """The tokens of the blocks a predictor judges, gathered once from the `(batch, heads, length, ...)` layout.
 
     Attributes:
         rows (`torch.LongTensor` of shape `(N, 1)`): batch row of each judged block.
         positions (`torch.LongTensor` of shape `(N, block_size)`): its token positions, clamped to the sequence (a
             last block the sequence does not fill repeats the last position; those slots are not `valid`).
         valid (`torch.BoolTensor` of shape `(N, block_size)`): real tokens of the block.
+        query, key (`torch.Tensor` of shape `(N, heads, block_size, head_dim)`, float32): the blocks' queries and keys.
+        lse (`torch.Tensor` of shape `(N, heads, block_size)`, float32): their rows' log-sum-exp, `+inf` on invalid
+            rows so that every probability of such a row is exactly 0.
     """
 
     rows: torch.Tensor
     positions: torch.Tensor
     valid: torch.Tensor
+    query: torch.Tensor
+    key: torch.Tensor
+    lse: torch.Tensor
 
     @classmethod
-    def from_index(cls, blocks: torch.Tensor, key_valid: torch.Tensor, block_size: int) -> JudgedBlocks:
-        """`blocks`: `(N, 2)` (row, block) pairs, e.g. `mask.nonzero()`; `key_valid`: `(batch, length)`."""
+    def gather(
+        cls,
+        blocks: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        lse: torch.Tensor,
+        key_valid: torch.Tensor,
+        block_size: int,
+    ) -> JudgedBlocks:
+        """`blocks`: `(N, 2)` (row, block) pairs, e.g. `mask.nonzero()`; the rest as `(batch, heads, length, ...)`
+        and `key_valid` `(batch, length)`."""
         length = key_valid.shape[1]
         offsets = torch.arange(block_size, device=blocks.device)
         positions = blocks[:, 1:] * block_size + offsets  # (N, bs)
         rows = blocks[:, :1]  # (N, 1)
         clamped = positions.clamp(max=length - 1)
-        return cls(rows, clamped, key_valid[rows, clamped] & (positions < length))
+        valid = key_valid[rows, clamped] & (positions < length)
+        block_lse = take_positions(lse, rows, clamped).masked_fill(~valid[:, None, :], float("inf"))
+        return cls(
+            rows, clamped, valid, take_positions(query, rows, clamped), take_positions(key, rows, clamped), block_lse
+        )
 
-    def take(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`(batch, heads, length, ...)` -> `(N, heads, block_size, ...)`, float32."""
-        return tensor[self.rows, :, self.positions].transpose(1, 2).float()
+
+def take_positions(tensor: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`(batch, heads, length, ...)` at `(N, 1)` rows and `(N, P)` positions -> `(N, heads, P, ...)`, float32."""
+    return tensor[rows, :, positions].transpose(1, 2).float()
 
 
-def judged_block_probabilities(
-    query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, blocks: JudgedBlocks, scaling: float
-) -> torch.Tensor:
+def judged_block_probabilities(blocks: JudgedBlocks, scaling: float) -> torch.Tensor:
     """Attention probabilities of each judged block's own bs x bs square, from the rows' log-sum-exp:
 
         P[i, j] = exp(q_i . k_j * scale + mask_j - logsumexp_j'(q_i . k_j' * scale + mask_j'))
 
     Only the judged blocks are computed: padding, filler and protected blocks cost nothing. Rows of invalid
     queries are zero, so what a block's image holds never depends on how its row was padded. Differentiable when
-    the inputs are (through the gathers and `row_logsumexp`).
-
-    Args:
-        query, key (`torch.Tensor` of shape `(batch, heads, length, head_dim)`).
-        lse (`torch.Tensor` of shape `(batch, heads, length)`): log-sum-exp of each query row over the valid keys.
-        blocks (`JudgedBlocks`): the blocks to compute.
+    the inputs of `JudgedBlocks.gather` are (through the gathers and `row_logsumexp`).
 
     Returns:
         `torch.Tensor` of shape `(N, heads, block_size, block_size)`, float32.
     """
-    block_lse = blocks.take(lse).masked_fill(~blocks.valid[:, None, :], float("inf"))  # (N, H, bs)
-    scores = torch.matmul(blocks.take(query), blocks.take(key).transpose(-1, -2))  # (N, H, bs, bs)
+    scores = torch.matmul(blocks.query, blocks.key.transpose(-1, -2))  # (N, H, bs, bs)
     key_bias = _key_bias(blocks.valid, torch.float32)  # (N, 1, 1, bs)
     # In place: the matmul's backward needs only its inputs, exp's only its result.
-    return scores.mul_(scaling).add_(key_bias).sub_(block_lse[..., None]).exp_()
+    return scores.mul_(scaling).add_(key_bias).sub_(blocks.lse[..., None]).exp_()
 
 
 def judged_block_question_attention(
@@ -230,27 +242,27 @@ def judged_block_question_attention(
     Args:
         query, key (`torch.Tensor` of shape `(batch, heads, length, head_dim)`).
         lse (`torch.Tensor` of shape `(batch, heads, length)`): log-sum-exp of every query row over the valid keys.
-        blocks (`JudgedBlocks`): the blocks to describe.
+        blocks (`JudgedBlocks`): the blocks to describe, gathered from the same tensors.
         question_index, question_valid (`(batch, question_length)`): question positions and which are real.
 
     Returns:
         `torch.Tensor` of shape `(N, 2 * heads)`, float32: `to_question` for every head, then `from_question`.
     """
     with torch.no_grad():
-        question = JudgedBlocks(blocks.rows, question_index[blocks.rows[:, 0]], question_valid[blocks.rows[:, 0]])
-        question_weight = question.valid.float()[:, None, None, :]  # (N, 1, 1, Q)
-        block_query, block_key = blocks.take(query), blocks.take(key)  # (N, H, bs, d)
-        question_query, question_key = question.take(query), question.take(key)  # (N, H, Q, d)
-        block_lse = blocks.take(lse).masked_fill(~blocks.valid[:, None, :], float("inf"))  # (N, H, bs)
+        rows = blocks.rows
+        positions, valid = question_index[rows[:, 0]], question_valid[rows[:, 0]]  # (N, Q)
+        question_weight = valid.float()[:, None, None, :]  # (N, 1, 1, Q)
+        question_query, question_key = take_positions(query, rows, positions), take_positions(key, rows, positions)
         # Rows of the block, columns of the question: (N, H, bs, Q).
-        scores = torch.matmul(block_query, question_key.transpose(-1, -2)).mul_(scaling)
-        to_question = scores.sub_(block_lse[..., None]).exp_().mul_(question_weight).sum(dim=(-1, -2))  # (N, H)
+        scores = torch.matmul(blocks.query, question_key.transpose(-1, -2)).mul_(scaling)
+        to_question = scores.sub_(blocks.lse[..., None]).exp_().mul_(question_weight).sum(dim=(-1, -2))  # (N, H)
         to_question = to_question / blocks.valid.sum(dim=1, keepdim=True).clamp(min=1)
         # Rows of the question, columns of the block: (N, H, Q, bs).
-        scores = torch.matmul(question_query, block_key.transpose(-1, -2)).mul_(scaling)
-        scores = scores.add_(_key_bias(blocks.valid, torch.float32)).sub_(question.take(lse)[..., None]).exp_()
+        scores = torch.matmul(question_query, blocks.key.transpose(-1, -2)).mul_(scaling)
+        question_lse = take_positions(lse, rows, positions)  # (N, H, Q)
+        scores = scores.add_(_key_bias(blocks.valid, torch.float32)).sub_(question_lse[..., None]).exp_()
         from_question = scores.mul_(question_weight.transpose(-1, -2)).sum(dim=(-1, -2))  # (N, H)
-        from_question = from_question / question.valid.sum(dim=1, keepdim=True).clamp(min=1)
+        from_question = from_question / valid.sum(dim=1, keepdim=True).clamp(min=1)
         return torch.cat([to_question, from_question], dim=1)
 
 
@@ -291,8 +303,8 @@ def blockskim_attention_forward(
     if probe.block_size is not None:
         if lse is None:
             lse = row_logsumexp(query, key, probe.key_valid, scaling)
-        blocks = JudgedBlocks.from_index(probe.judged_blocks, probe.key_valid, probe.block_size)
-        probe.block_probs = judged_block_probabilities(query, key, lse, blocks, scaling)
+        blocks = JudgedBlocks.gather(probe.judged_blocks, query, key, lse, probe.key_valid, probe.block_size)
+        probe.block_probs = judged_block_probabilities(blocks, scaling)
         if probe.question_index is not None:
             probe.question_features = judged_block_question_attention(
                 query, key, lse, blocks, probe.question_index, probe.question_valid, scaling

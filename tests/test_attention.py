@@ -142,8 +142,8 @@ def test_block_probabilities_sum_to_at_most_one_per_row():
     query, key, _ = _qkv()
     key_valid = torch.ones(2, 24, dtype=torch.bool)
     lse = torch.logsumexp(query @ key.transpose(-1, -2) * 0.3, dim=-1)
-    blocks = JudgedBlocks.from_index(_all_blocks(key_valid, 8), key_valid, 8)
-    probs = judged_block_probabilities(query, key, lse, blocks, 0.3)
+    blocks = JudgedBlocks.gather(_all_blocks(key_valid, 8), query, key, lse, key_valid, 8)
+    probs = judged_block_probabilities(blocks, 0.3)
     assert probs.shape == (6, 3, 8, 8)
     assert (probs.sum(-1) <= 1 + 1e-6).all() and (probs >= 0).all()
 
@@ -191,6 +191,6 @@ def test_block_question_attention_equals_the_question_rows_and_columns_of_the_so
         (query @ key.transpose(-1, -2) * scaling).masked_fill(~key_valid[:, None, None, :], -1e30), dim=-1
     )
     judged = torch.tensor([[0, 1], [1, 2]])
-    blocks = JudgedBlocks.from_index(judged, key_valid, 8)
+    blocks = JudgedBlocks.gather(judged, query, key, lse, key_valid, 8)
     direct = judged_block_question_attention(query, key, lse, blocks, question_index, question_valid, scaling)
     torch.testing.assert_close(direct, expected[[1, 5]], atol=1e-6, rtol=1e-5)
