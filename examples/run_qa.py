@@ -139,6 +139,27 @@ class BlockSkimArguments:
         default=False,
         metadata={"help": "Predictors also read the block-question attention masses (not in the paper)."},
     )
+    predictor_diagonal_block: bool = field(
+        default=True,
+        metadata={
+            "help": "Predictors read the block's attention square with the paper's CNN; false (with "
+            "--predictor_question_features true) leaves a linear classifier of the question masses."
+        },
+    )
+    new_skim_predictors: bool = field(
+        default=False,
+        metadata={
+            "help": "With a Block-Skim checkpoint: keep its backbone and QA head, but build new predictors from the "
+            "--skim_layers/--predictor_*/--block_size arguments (e.g. to train them with --train_predictors_only)."
+        },
+    )
+    train_predictors_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Train only the skim predictors; the backbone and QA head stay frozen and run as at inference. "
+            "A cheap second stage on a Block-Skim checkpoint (or predictors added to a fine-tuned QA model)."
+        },
+    )
 
 
 def parse_arguments() -> tuple[ModelArguments, DataTrainingArguments, BlockSkimArguments, TrainingArguments]:
@@ -190,7 +211,8 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
 
 
 def load_model(model_args: ModelArguments, skim_args: BlockSkimArguments):
-    """A saved Block-Skim checkpoint, a new Block-Skim model on a backbone, or the vanilla QA model."""
+    """A saved Block-Skim checkpoint (optionally with new predictors), a new Block-Skim model on a backbone, or the
+    vanilla QA model."""
     path = resolve_model_path(model_args.model_name_or_path)
     hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
     if model_args.attn_implementation is not None:
@@ -203,7 +225,8 @@ def load_model(model_args: ModelArguments, skim_args: BlockSkimArguments):
     if config.model_type == "blockskim":
         if not skim_args.block_skim:
             raise ValueError(f"{path} is a Block-Skim checkpoint; --block_skim false needs a plain backbone.")
-        return BlockSkimForQuestionAnswering.from_pretrained(path, **hub_kwargs)
+        if not skim_args.new_skim_predictors:
+            return BlockSkimForQuestionAnswering.from_pretrained(path, **hub_kwargs)
     if skim_args.block_skim:
         return BlockSkimForQuestionAnswering.from_backbone(
             path,
@@ -214,6 +237,7 @@ def load_model(model_args: ModelArguments, skim_args: BlockSkimArguments):
             skim_loss_reduction=skim_args.skim_loss_reduction,
             skim_threshold=0.01 if skim_args.skim_threshold is None else skim_args.skim_threshold,
             predictor_question_features=skim_args.predictor_question_features,
+            predictor_diagonal_block=skim_args.predictor_diagonal_block,
             **hub_kwargs,
         )
     return AutoModelForQuestionAnswering.from_pretrained(
@@ -338,6 +362,7 @@ def main() -> dict[str, float]:
         compute_metrics=compute_metrics,
         skim_predictor_learning_rate=skim_args.skim_predictor_learning_rate,
         skim_threshold=skim_args.skim_threshold,
+        train_predictors_only=skim_args.train_predictors_only,
     )
 
     all_metrics: dict[str, float] = {}

@@ -38,6 +38,8 @@ class AttentionProbe:
             required with `block_size` (padding and filler slots of a compacted batch are `False`).
         judged_blocks (`torch.LongTensor` of shape `(N, 2)`, *optional*): (row, block) of every block to describe,
             in row-major order (`mask.nonzero()`); required with `block_size`.
+        diagonal_block (`bool`, defaults to `True`): compute `block_probs`; predictors that read only the question
+            masses switch it off.
         question_index (`torch.LongTensor` of shape `(batch, question_length)`, *optional*): positions of the
             question tokens, when the block-question attention masses are wanted too; `question_valid` marks the
             real entries of rows with shorter questions.
@@ -51,6 +53,7 @@ class AttentionProbe:
     block_size: int | None = None
     key_valid: torch.Tensor | None = None
     judged_blocks: torch.Tensor | None = None
+    diagonal_block: bool = True
     question_index: torch.Tensor | None = None
     question_valid: torch.Tensor | None = None
     block_probs: torch.Tensor | None = None
@@ -304,7 +307,8 @@ def blockskim_attention_forward(
         if lse is None:
             lse = row_logsumexp(query, key, probe.key_valid, scaling)
         blocks = JudgedBlocks.gather(probe.judged_blocks, query, key, lse, probe.key_valid, probe.block_size)
-        probe.block_probs = judged_block_probabilities(blocks, scaling)
+        if probe.diagonal_block:
+            probe.block_probs = judged_block_probabilities(blocks, scaling)
         if probe.question_index is not None:
             probe.question_features = judged_block_question_attention(
                 query, key, lse, blocks, probe.question_index, probe.question_valid, scaling

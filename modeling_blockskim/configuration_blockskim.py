@@ -57,6 +57,12 @@ class BlockSkimConfig(PretrainedConfig):
             the question tokens and the mass the question tokens put on the block (2 x heads numbers per block,
             O(length x question) to compute). Not in the paper: the diagonal square never sees the question, and on
             small backbones it barely predicts where the answer is (see BENCHMARKS.md).
+        predictor_diagonal_block (`bool`, *optional*, defaults to `True`):
+            Whether the predictors read the block's own attention square with the paper's CNN. `False` (which needs
+            `predictor_question_features=True`) makes each predictor a linear classifier of the normalised
+            block-question masses alone: neither the squares nor the CNN are computed, which is most of a
+            predictor layer's cost on small inputs. On MiniLM/SQuAD the CNN adds nothing to those masses (see
+            BENCHMARKS.md).
         sep_token_id (`int`, *optional*):
             Id of the separator token. Everything up to the first run of separators (the [CLS] token and the
             question) and every separator are protected from skimming. Defaults to the separator of the backbone's
@@ -94,6 +100,7 @@ class BlockSkimConfig(PretrainedConfig):
     skim_loss_reduction: Literal["sum", "mean"] = "sum"
     skim_at_inference: bool = True
     predictor_question_features: bool = False
+    predictor_diagonal_block: bool = True
     sep_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
@@ -148,9 +155,14 @@ class BlockSkimConfig(PretrainedConfig):
             raise ValueError(
                 f"skim_loss_reduction={self.skim_loss_reduction!r} is not one of {list(SKIM_LOSS_REDUCTIONS)}."
             )
-        for name in ("skim_at_inference", "predictor_question_features"):
+        for name in ("skim_at_inference", "predictor_question_features", "predictor_diagonal_block"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
+        if not (self.predictor_diagonal_block or self.predictor_question_features):
+            raise ValueError(
+                "predictor_diagonal_block=False needs predictor_question_features=True: a predictor must read "
+                "something."
+            )
         vocab_size = self.backbone_config.vocab_size
         if not isinstance(self.sep_token_id, int) or not 0 <= self.sep_token_id < vocab_size:
             raise ValueError(f"sep_token_id={self.sep_token_id!r} is out of range: allowed [0, {vocab_size - 1}].")

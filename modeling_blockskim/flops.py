@@ -5,7 +5,8 @@ The analytic count covers everything that multiplies: per encoder layer on n tok
 intermediate size I, the Q/K/V/output projections (8 n h^2), the feed-forward (4 n h I) and the attention products
 (4 n^2 h); the span head (4 n h); and per skim-predictor layer on K blocks of bs tokens with H heads of d dims, the
 diagonal attention blocks (2 K H bs^2 d) and the CNN on the passage blocks (2 K H^2 9 (bs^2 + bs^2/4) plus
-2 K H bs^2/8), plus, with question features, the question rows and columns of the attention (4 n q H d).
+2 K H bs^2/8) unless the predictors read only the question masses, plus, with question features, the question
+rows and columns of the attention (4 n q H d).
 Layer norms, softmax and activations are left out, as `torch.utils.flop_counter` leaves them out.
 The paper's ideal speedup (Eq. 4) is also here.
 """
@@ -44,12 +45,14 @@ def diagonal_block_flops(blocks: int, num_heads: int, head_dim: int, block_size:
     return 2 * blocks * num_heads * block_size * block_size * head_dim
 
 
-def predictor_flops(blocks: int, num_heads: int, block_size: int, question_features: bool = False) -> int:
-    """FLOPs of the skim CNN classifying `blocks` blocks: two 3x3 convolutions and the linear layer (which reads
-    2 x heads more inputs with question features)."""
+def predictor_flops(
+    blocks: int, num_heads: int, block_size: int, question_features: bool = False, diagonal_block: bool = True
+) -> int:
+    """FLOPs of the skim predictor classifying `blocks` blocks: two 3x3 convolutions (with `diagonal_block`) and
+    the linear layer, which reads the CNN's features and/or the 2 x heads question masses."""
     bs, heads = block_size, num_heads
-    convolutions = 2 * blocks * heads * heads * 9 * (bs * bs + (bs // 2) ** 2)
-    inputs = heads * (bs // 4) ** 2 + (2 * heads if question_features else 0)
+    convolutions = 2 * blocks * heads * heads * 9 * (bs * bs + (bs // 2) ** 2) if diagonal_block else 0
+    inputs = (heads * (bs // 4) ** 2 if diagonal_block else 0) + (2 * heads if question_features else 0)
     classifier = 2 * blocks * inputs * 2
     return convolutions + classifier
 
@@ -90,8 +93,11 @@ def forward_flops(
         heads, bs = backbone.num_attention_heads, config.block_size
         for layer in config.skim_layers:
             judged = max(-(-tokens_per_layer[layer] // bs) - protected_blocks, 0)
-            total += diagonal_block_flops(judged, heads, head_dim, bs)
-            total += predictor_flops(judged, heads, bs, config.predictor_question_features)
+            total += predictor_flops(
+                judged, heads, bs, config.predictor_question_features, config.predictor_diagonal_block
+            )
+            if config.predictor_diagonal_block:
+                total += diagonal_block_flops(judged, heads, head_dim, bs)
             if config.predictor_question_features:
                 total += 4 * heads * judged * bs * question_tokens * head_dim
     return total

@@ -144,7 +144,10 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         self.skim_predictors = nn.ModuleDict(
             {
                 str(layer): BlockSkimPredictor(
-                    backbone_config.num_attention_heads, config.block_size, config.predictor_question_features
+                    backbone_config.num_attention_heads,
+                    config.block_size,
+                    config.predictor_question_features,
+                    config.predictor_diagonal_block,
                 )
                 for layer in config.skim_layers
             }
@@ -158,7 +161,10 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         """Start a Block-Skim model from a pretrained BERT, RoBERTa or ELECTRA checkpoint or model object.
 
         The backbone's embeddings and layers keep their pretrained weights; the skim predictors are new. The span
-        head is new too, unless the source is a `*ForQuestionAnswering` model with a trained one.
+        head is new too, unless the source is a `*ForQuestionAnswering` model with a trained one. The source may
+        also be a trained Block-Skim model: its backbone, span head and settings are kept (the keyword arguments
+        override the settings) and its predictors replaced, e.g. by ones of another kind
+        (`predictor_diagonal_block=False`) to train with `BlockSkimTrainer(train_predictors_only=True)`.
 
         Args:
             backbone (`str`, `os.PathLike` or `PreTrainedModel`): Hub id or folder of a supported checkpoint (base
@@ -195,14 +201,21 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
                 skim_kwargs["sep_token_id"] = _tokenizer_sep_token_id(backbone, kwargs)
         if skim_kwargs.get("sep_token_id") is None:
             skim_kwargs.pop("sep_token_id", None)
-        base = source.base_model
-        config = BlockSkimConfig(backbone_config=copy.deepcopy(base.config), **skim_kwargs)
+        if isinstance(source, BlockSkimForQuestionAnswering):
+            # New predictors for a trained Block-Skim model: its settings are the defaults, its predictors go.
+            skim_kwargs = {**{name: getattr(source.config, name) for name in config_fields}, **skim_kwargs}
+            backbone_config, parts = source.config.backbone_config, source
+            layers = source.layers
+        else:
+            backbone_config, parts = source.base_model.config, source.base_model
+            layers = parts.encoder.layer
+        config = BlockSkimConfig(backbone_config=copy.deepcopy(backbone_config), **skim_kwargs)
         config._attn_implementation = source.config._attn_implementation
         model = cls(config)
-        model.embeddings.load_state_dict(base.embeddings.state_dict())
+        model.embeddings.load_state_dict(parts.embeddings.state_dict())
         if model.embeddings_project is not None:
-            model.embeddings_project.load_state_dict(base.embeddings_project.state_dict())
-        model.layers.load_state_dict(base.encoder.layer.state_dict())
+            model.embeddings_project.load_state_dict(parts.embeddings_project.state_dict())
+        model.layers.load_state_dict(layers.state_dict())
         if head_is_trained:
             model.qa_outputs.load_state_dict(source.qa_outputs.state_dict())
         return model.to(device=source.device, dtype=source.dtype)
@@ -406,6 +419,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
                     block_size=self.config.block_size,
                     key_valid=state.layer_token_valid,
                     judged_blocks=judged,
+                    diagonal_block=self.config.predictor_diagonal_block,
                     question_index=question[0] if question is not None else None,
                     question_valid=question[1] if question is not None else None,
                 )

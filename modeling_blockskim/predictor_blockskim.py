@@ -2,8 +2,10 @@
 
 Paper section 3.2: the input is the H-channel bs x bs image `P[:, :, k*bs:(k+1)*bs, k*bs:(k+1)*bs]` of layer i's
 attention probabilities; the network is [3x3 conv H->H, BatchNorm, ReLU, 2x2 average pool] x 2, flatten, and a
-linear layer to two logits (skim, keep). About 4.2K parameters for BERT-base (H = 12, bs = 32); its compute is
-negligible next to the layer it follows. Travels with every checkpoint as remote code.
+linear layer to two logits (skim, keep). About 4.2K parameters for BERT-base (H = 12, bs = 32); its FLOPs are
+negligible next to the layer it follows, though its dozen small kernels are not at batch 1. Optionally (not in the
+paper) the linear layer also reads the block-question attention masses, or reads only those, without the CNN.
+Travels with every checkpoint as remote code.
 """
 
 from __future__ import annotations
@@ -21,30 +23,41 @@ class BlockSkimPredictor(nn.Module):
         question_features (`bool`, defaults to `False`): also read 2 x `num_heads` block-question attention
             masses (`BlockSkimConfig.predictor_question_features`), batch-normalised and joined to the CNN
             features before the linear layer.
+        diagonal_block (`bool`, defaults to `True`): read the block's attention square with the CNN
+            (`BlockSkimConfig.predictor_diagonal_block`); `False` needs `question_features=True` and leaves a
+            linear classifier of the normalised question masses.
     """
 
-    def __init__(self, num_heads: int, block_size: int, question_features: bool = False):
+    def __init__(self, num_heads: int, block_size: int, question_features: bool = False, diagonal_block: bool = True):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(num_heads, num_heads, kernel_size=3, padding=1),
-            nn.BatchNorm2d(num_heads),
-            nn.ReLU(),
-            nn.AvgPool2d(2),
-            nn.Conv2d(num_heads, num_heads, kernel_size=3, padding=1),
-            nn.BatchNorm2d(num_heads),
-            nn.ReLU(),
-            nn.AvgPool2d(2),
+        if not (diagonal_block or question_features):
+            raise ValueError("A predictor without the diagonal block needs question_features=True.")
+        self.features = (
+            nn.Sequential(
+                nn.Conv2d(num_heads, num_heads, kernel_size=3, padding=1),
+                nn.BatchNorm2d(num_heads),
+                nn.ReLU(),
+                nn.AvgPool2d(2),
+                nn.Conv2d(num_heads, num_heads, kernel_size=3, padding=1),
+                nn.BatchNorm2d(num_heads),
+                nn.ReLU(),
+                nn.AvgPool2d(2),
+            )
+            if diagonal_block
+            else None
         )
         extra = 2 * num_heads if question_features else 0
         self.question_norm = nn.BatchNorm1d(extra) if question_features else None
-        self.classifier = nn.Linear(num_heads * (block_size // 4) ** 2 + extra, 2)
+        square = num_heads * (block_size // 4) ** 2 if diagonal_block else 0
+        self.classifier = nn.Linear(square + extra, 2)
 
-    def forward(self, block_probs: torch.Tensor, question_features: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, block_probs: torch.Tensor | None, question_features: torch.Tensor | None = None) -> torch.Tensor:
         """Classify blocks.
 
         Args:
             block_probs (`torch.Tensor` of shape `(num_blocks, heads, block_size, block_size)`): the blocks to judge,
-                only real ones (so BatchNorm statistics never see padding).
+                only real ones (so BatchNorm statistics never see padding); required unless the predictor was
+                built with `diagonal_block=False`.
             question_features (`torch.Tensor` of shape `(num_blocks, 2 * heads)`, *optional*): required when the
                 predictor was built with `question_features=True`.
 
@@ -52,7 +65,11 @@ class BlockSkimPredictor(nn.Module):
             `torch.Tensor` of shape `(num_blocks, 2)`: logits of (skim, keep).
         """
         dtype = self.classifier.weight.dtype
-        features = self.features(block_probs.to(dtype)).flatten(1)  # (N, H * bs/4 * bs/4)
+        parts = []
+        if self.features is not None:
+            if block_probs is None:
+                raise ValueError("This predictor reads the diagonal attention block: pass block_probs.")
+            parts.append(self.features(block_probs.to(dtype)).flatten(1))  # (N, H * bs/4 * bs/4)
         if self.question_norm is not None:
             if question_features is None:
                 raise ValueError("This predictor reads block-question attention: pass question_features.")
@@ -69,5 +86,5 @@ class BlockSkimPredictor(nn.Module):
                 momentum=norm.momentum,
                 eps=norm.eps,
             )
-            features = torch.cat([features, question], dim=1)
-        return self.classifier(features)  # (N, 2)
+            parts.append(question)
+        return self.classifier(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])  # (N, 2)

@@ -33,8 +33,17 @@ from .flops import forward_flops
 from .model_card import write_model_card
 from .skimming_blockskim import IGNORE_INDEX, any_per_block, protected_token_mask
 
+PREDICTOR_PREFIX = "skim_predictors."
+
 PostProcessFunction = Callable[[Dataset, Dataset, Any, Any], tuple[list[dict], list[dict]]]
 """(examples, features, start_logits, end_logits) -> (predictions, references) in the SQuAD metric's format."""
+
+
+def _frozen_parts_to_eval(model: torch.nn.Module) -> None:
+    """Everything but the skim predictors to evaluation mode (`Trainer` puts the whole model in training mode)."""
+    for name, module in model.named_children():
+        if name != PREDICTOR_PREFIX.rstrip("."):
+            module.eval()
 
 
 class BlockSkimTrainer(Trainer):
@@ -53,6 +62,12 @@ class BlockSkimTrainer(Trainer):
         skim_predictor_learning_rate (`float`, *optional*): peak learning rate of the (randomly initialised) skim
             predictors, which may learn faster than the pretrained backbone tolerates; follows the same schedule.
             Defaults to `args.learning_rate`.
+        train_predictors_only (`bool`, defaults to `False`): a second stage after joint training (or Block-Skim
+            predictors added to an already fine-tuned QA model): every parameter but the predictors' is frozen and
+            the frozen part runs as at inference (no dropout), so the predictors learn from exactly the attention
+            they will judge, and the loss is the skim loss alone. Each step costs about a forward pass, so several
+            epochs are cheap next to joint training, whose few steps leave the new predictors under-trained. The
+            QA answers of the model without skimming do not change.
         All other arguments are those of `transformers.Trainer`; `compute_metrics` receives
         `EvalPrediction(predictions=answers, label_ids=references)` after post-processing.
     """
@@ -67,10 +82,18 @@ class BlockSkimTrainer(Trainer):
         skim_loss_reduction: str | None = None,
         skim_threshold: float | None = None,
         skim_predictor_learning_rate: float | None = None,
+        train_predictors_only: bool = False,
         **kwargs,
     ):
+        model = kwargs.get("model", args[0] if args else None)
+        if train_predictors_only:
+            if len(getattr(model, "skim_predictors", ())) == 0:
+                raise ValueError("train_predictors_only=True needs a Block-Skim model with skim predictors.")
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(name.startswith(PREDICTOR_PREFIX))
         super().__init__(*args, **kwargs)
         self.skim_predictor_learning_rate = skim_predictor_learning_rate
+        self.train_predictors_only = train_predictors_only
         self.eval_examples = eval_examples
         self.post_process_function = post_process_function
         if self._is_block_skim:
@@ -103,7 +126,7 @@ class BlockSkimTrainer(Trainer):
         if self.skim_predictor_learning_rate is None or not self._is_block_skim:
             return optimizer
         unwrapped = self.accelerator.unwrap_model(self.model if model is None else model)
-        predictor_ids = {id(p) for name, p in unwrapped.named_parameters() if name.startswith("skim_predictors.")}
+        predictor_ids = {id(p) for name, p in unwrapped.named_parameters() if name.startswith(PREDICTOR_PREFIX)}
         for group in list(optimizer.param_groups):
             moved = [p for p in group["params"] if id(p) in predictor_ids]
             if moved:
@@ -113,15 +136,19 @@ class BlockSkimTrainer(Trainer):
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The model's joint loss; while training, its QA and skim terms are kept for the next log line."""
+        """The model's joint loss (the skim loss alone with `train_predictors_only`); while training, its QA and
+        skim terms are kept for the next log line."""
         has_labels = inputs.get("start_positions") is not None and inputs.get("end_positions") is not None
         if not (self._is_block_skim and has_labels):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training and self.train_predictors_only:
+            _frozen_parts_to_eval(self.accelerator.unwrap_model(model))
         outputs = model(**inputs, output_skim_details=True)
         if model.training:
             self._loss_parts["qa_loss"].append(outputs.qa_loss.detach())
             self._loss_parts["skim_loss"].append(outputs.skim_loss.detach())
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        loss = outputs.skim_loss if self.train_predictors_only and model.training else outputs.loss
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._loss_parts:

@@ -65,6 +65,8 @@ def test_empty_skim_layers_is_allowed_and_means_plain_qa():
         ({"harmony_coefficient": -0.1}, "harmony_coefficient", ">= 0.0"),
         ({"skim_loss_reduction": "max"}, "skim_loss_reduction", "'sum', 'mean'"),
         ({"sep_token_id": 10**6}, "sep_token_id", "[0, 30521]"),
+        ({"predictor_diagonal_block": False}, "predictor_diagonal_block", "predictor_question_features=True"),
+        ({"predictor_diagonal_block": "no"}, "predictor_diagonal_block", "bool"),
         ({"backbone_config": GPT2Config()}, "backbone_config.model_type", "'bert', 'roberta', 'electra'"),
     ],
 )

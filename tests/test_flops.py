@@ -6,7 +6,7 @@ import torch
 from modeling_blockskim.flops import count_flops, forward_flops, ideal_speedup
 from modeling_blockskim.skimming_blockskim import question_token_mask
 
-from .testing_utils import BLOCK_SIZE, qa_batch, tiny_model
+from .testing_utils import BLOCK_SIZE, PREDICTOR_KINDS, qa_batch, tiny_model
 
 
 @pytest.mark.parametrize("skim", [False, True])
@@ -37,9 +37,9 @@ def test_forward_flops_rejects_a_wrong_number_of_layers():
         forward_flops(model.config, [BLOCK_SIZE] * 2)
 
 
-@pytest.mark.parametrize("question_features", [False, True], ids=["paper-predictor", "question-features"])
-def test_analytic_flops_match_the_counter_when_the_last_block_is_cut_short(question_features):
-    model = tiny_model("bert", num_hidden_layers=4, predictor_question_features=question_features)
+@pytest.mark.parametrize("predictor", PREDICTOR_KINDS.values(), ids=PREDICTOR_KINDS.keys())
+def test_analytic_flops_match_the_counter_when_the_last_block_is_cut_short(predictor):
+    model = tiny_model("bert", num_hidden_layers=4, **predictor)
     batch = qa_batch("bert", lengths=(61, 61))  # 8 blocks, the last holding 5 tokens
     keep = torch.tensor([[True, False, True, False, False, True, False, True]] * 2)
     kwargs = {"skim": True, "keep_blocks_override": {0: keep}}

@@ -20,7 +20,7 @@ from transformers import (
 from modeling_blockskim import SKIMMED_LOGIT, BlockSkimForQuestionAnswering
 from modeling_blockskim.skimming_blockskim import any_per_block, protected_token_mask
 
-from .testing_utils import BLOCK_SIZE, SEP_TOKEN_ID, qa_batch, tiny_backbone_config, tiny_model
+from .testing_utils import BLOCK_SIZE, PREDICTOR_KINDS, SEP_TOKEN_ID, qa_batch, tiny_backbone_config, tiny_model
 
 BACKBONES = ["bert", "roberta", "electra"]
 STOCK_QA = {
@@ -149,9 +149,9 @@ def _mixed_batch(count=16, seed=0):
 
 
 @pytest.mark.parametrize(("device", "dtype"), PLACEMENTS)
-@pytest.mark.parametrize("question_features", [False, True], ids=["paper-predictor", "question-features"])
-def test_example_keeps_the_same_blocks_and_answer_alone_and_in_a_mixed_batch(device, dtype, question_features):
-    model = tiny_model("bert", num_hidden_layers=4, predictor_question_features=question_features)
+@pytest.mark.parametrize("predictor", PREDICTOR_KINDS.values(), ids=PREDICTOR_KINDS.keys())
+def test_example_keeps_the_same_blocks_and_answer_alone_and_in_a_mixed_batch(device, dtype, predictor):
+    model = tiny_model("bert", num_hidden_layers=4, **predictor)
     model = model.to(device=device, dtype=dtype)
     batch, lengths = _mixed_batch()
     batch = _to(batch, device)
@@ -208,6 +208,40 @@ def test_question_feature_predictors_train_and_survive_a_save_and_load(tmp_path)
     torch.testing.assert_close(after, before, atol=0, rtol=0)
     judged = before.abs().sum(dim=-1) > 0
     assert judged.sum() > 0
+
+
+def test_question_only_predictors_are_linear_and_never_compute_the_diagonal_blocks():
+    model = tiny_model("bert", num_hidden_layers=4, predictor_question_features=True, predictor_diagonal_block=False)
+    predictor = model.skim_predictors["0"]
+    heads = model.config.backbone_config.num_attention_heads
+    assert predictor.features is None and predictor.classifier.in_features == 2 * heads
+    seen = []
+    predictor.register_forward_pre_hook(lambda module, args: seen.append(args))
+    batch = qa_batch("bert", lengths=(70, 52))
+    with torch.no_grad():
+        output = model(**batch, skim=True, skim_threshold=0.5, output_skim_details=True)
+    (block_probs, question_features), *_ = seen
+    assert block_probs is None and question_features.shape[1] == 2 * heads
+    # The logits are the linear layer over the normalised masses, and the decision follows them.
+    expected = predictor.classifier(predictor.question_norm(question_features))
+    judged = output.block_logits[:, 0].abs().sum(dim=-1) > 0
+    torch.testing.assert_close(output.block_logits[:, 0][judged], expected)
+
+
+def test_from_backbone_on_a_block_skim_model_keeps_backbone_and_head_and_replaces_the_predictors():
+    source = tiny_model("bert", num_hidden_layers=4, predictor_question_features=True, block_size=16)
+    model = BlockSkimForQuestionAnswering.from_backbone(source, predictor_diagonal_block=False).eval()
+    assert (model.config.block_size, model.config.predictor_question_features) == (16, True)
+    assert model.config.skim_layers == source.config.skim_layers
+    assert all(predictor.features is None for predictor in model.skim_predictors.values())
+    kept = {name: tensor for name, tensor in source.state_dict().items() if not name.startswith("skim_predictors.")}
+    ours = model.state_dict()
+    for name, tensor in kept.items():
+        assert torch.equal(ours[name], tensor), name
+    batch = qa_batch("bert")
+    with torch.no_grad():
+        expected = source(**batch, skim=False).start_logits
+        torch.testing.assert_close(model(**batch, skim=False).start_logits, expected, atol=0, rtol=0)
 
 
 # 4. Protection ------------------------------------------------------------------------------------------------------

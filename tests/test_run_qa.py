@@ -115,7 +115,7 @@ def test_train_save_reload_with_remote_code_and_evaluate_with_and_without_skimmi
         assert again[name] == pytest.approx(metrics[name])
 
 
-def test_vanilla_baseline_trains_with_the_same_script(tmp_path):
+def test_vanilla_baseline_trains_with_the_same_script_and_takes_predictors_afterwards(tmp_path):
     output = tmp_path / "vanilla"
     result = _run(["--model_name_or_path", "minilm", "--block_skim", "false", "--do_train", "--do_eval",
                    "--output_dir", str(output), *TINY_RUN], tmp_path)  # fmt: skip
@@ -123,6 +123,18 @@ def test_vanilla_baseline_trains_with_the_same_script(tmp_path):
     metrics = json.loads((output / "eval_results.json").read_text())
     assert "eval_f1" in metrics and "eval_skim_f1" not in metrics
     assert json.loads((output / "config.json").read_text())["model_type"] == "bert"
+
+    # Predictors alone, added to the fine-tuned baseline: its answers without skimming do not change.
+    posthoc = tmp_path / "posthoc"
+    result = _run(["--model_name_or_path", str(output), "--predictor_question_features", "true",
+                   "--predictor_diagonal_block", "false", "--train_predictors_only", "true", "--do_train",
+                   "--do_eval", "--output_dir", str(posthoc), *TINY_RUN], tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    again = json.loads((posthoc / "eval_results.json").read_text())
+    assert (again["eval_exact_match"], again["eval_f1"]) == (metrics["eval_exact_match"], metrics["eval_f1"])
+    assert "eval_skim_f1" in again
+    config = json.loads((posthoc / "config.json").read_text())
+    assert (config["predictor_diagonal_block"], config["predictor_question_features"]) == (False, True)
 
 
 def _squad_sample(split: str) -> dict:

@@ -131,6 +131,36 @@ def test_predictor_learning_rate_gives_the_predictors_their_own_parameter_group(
     assert grouped == {id(p) for p in model.parameters()}
 
 
+def test_training_predictors_only_changes_the_predictors_and_nothing_else(tmp_path):
+    model = tiny_model("bert").train()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    modes: dict[str, set[bool]] = {"backbone": set(), "predictor": set()}
+    model.layers[0].register_forward_pre_hook(lambda module, args: modes["backbone"].add(module.training))
+    predictor = next(iter(model.skim_predictors.values()))
+    predictor.register_forward_pre_hook(lambda module, args: modes["predictor"].add(module.training))
+    trainer = BlockSkimTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=12, logging_steps=4),
+        train_dataset=_features(),
+        train_predictors_only=True,
+    )
+    trainer.train()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    predictor_names = {name for name in before if name.startswith("skim_predictors.")}
+    assert changed and changed <= predictor_names
+    assert modes == {"backbone": {False}, "predictor": {True}}  # frozen part as at inference: no dropout
+    logs = [entry for entry in trainer.state.log_history if "skim_loss" in entry]
+    assert len(logs) == 3
+    for entry in logs:  # the optimised loss is the skim loss alone
+        assert entry["loss"] == pytest.approx(entry["skim_loss"], rel=1e-4)
+    assert logs[-1]["skim_loss"] < logs[0]["skim_loss"]
+
+
+def test_training_predictors_only_is_refused_for_a_model_without_predictors(tmp_path):
+    with pytest.raises(ValueError, match="train_predictors_only"):
+        BlockSkimTrainer(model=tiny_model("bert", skim_layers=[]), args=_args(tmp_path), train_predictors_only=True)
+
+
 def _argmax_answers(examples, features, start_logits, end_logits):
     """A stand-in for span decoding: the answer of feature i is its arg-max start position, as text."""
     predictions = [

@@ -17,6 +17,12 @@ BLOCK_SIZE = 8
 SEP_TOKEN_ID = {"bert": 3, "roberta": 2, "electra": 3}
 CLS_TOKEN_ID = {"bert": 2, "roberta": 0, "electra": 2}
 PAD_TOKEN_ID = {"bert": 0, "roberta": 1, "electra": 0}
+PREDICTOR_KINDS = {
+    "paper-predictor": {},
+    "question-features": {"predictor_question_features": True},
+    "question-only": {"predictor_question_features": True, "predictor_diagonal_block": False},
+}
+"""`tiny_model` settings of the three predictor kinds: the paper's CNN, CNN + question masses, question masses only."""
 
 _BLOCK_PACKAGE = """
 import importlib.abc, sys
