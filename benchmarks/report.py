@@ -37,10 +37,17 @@ def _title(result: dict[str, Any]) -> str:
 
 
 def _predictor(result: dict[str, Any]) -> str:
-    """Which skim predictor the Block-Skim model has (results written before the option existed: the paper's)."""
-    if result["setup"].get("predictor_question_features", False):
-        return "predictors read the diagonal attention square and the block-question attention"
-    return "predictors read the diagonal attention square only (the paper's)"
+    """Which skim predictor the Block-Skim model has (results written before an option existed: its default)."""
+    setup = result["setup"]
+    if not setup.get("predictor_diagonal_block", True):
+        kind = "linear predictors of the block-question attention only"
+    elif setup.get("predictor_question_features", False):
+        kind = "predictors read the diagonal attention square and the block-question attention"
+    else:
+        kind = "predictors read the diagonal attention square only (the paper's)"
+    if setup.get("joint_training"):
+        kind += ", trained alone on the frozen jointly trained model"
+    return kind
 
 
 def _label(name: str) -> str:
@@ -237,6 +244,12 @@ def render(
                 f"{training['vanilla']['train_samples_per_second']:.3f} samples/s = "
                 f"{training['blockskim_over_vanilla_samples_per_second']:.3f}× the vanilla throughput."
             )
+            stage = training.get("predictor_stage")
+            if stage:
+                parts[-1] += (
+                    f" The predictor-only stage (alone, 2 threads): {stage['train_samples_per_second']:.3f} "
+                    f"samples/s, {stage['train_runtime'] / 60:.0f} minutes for {stage['epoch']:.0f} epochs."
+                )
         sections.append("\n\n".join(parts))
     sections += [layer_sweep_section(stem, sweep) for stem, sweep in sweeps]
     figures = "\n\n".join(f"![{Path(path).stem}]({path})" for path in plot_paths)
@@ -261,6 +274,7 @@ def main() -> None:
         raise SystemExit(f"no squad results in {args.results}; run benchmarks/squad.py first.")
     results.sort(
         key=lambda item: (
+            not item[1]["setup"].get("joint_training"),
             not item[1]["setup"].get("predictor_question_features", False),
             item[1]["variant"] != "squad",
             item[1]["setup"]["max_seq_length"],

@@ -338,6 +338,12 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="predictor layers to use at inference, a subset of the checkpoint's (default: all it was trained with)",
     )
+    parser.add_argument(
+        "--joint-training",
+        default=None,
+        help="when --blockskim comes from a predictor-only stage (run_qa.py --train_predictors_only): the joint "
+        "training run it started from, whose throughput is compared with the vanilla run's",
+    )
     parser.add_argument("--variant", choices=["squad", "squad-long"], default="squad")
     parser.add_argument("--paragraphs", type=int, default=4, help="paragraphs joined per context for squad-long")
     parser.add_argument("--max-seq-length", type=int, default=384)
@@ -553,6 +559,8 @@ def main() -> None:
             "block_size": config.block_size,
             "skim_layers": config.skim_layers,
             "predictor_question_features": config.predictor_question_features,
+            "predictor_diagonal_block": config.predictor_diagonal_block,
+            "joint_training": args.joint_training,
             "dtype": args.dtype,
             "timing_windows": len(sample),
             "timing_repeats": args.repeats,
@@ -566,19 +574,24 @@ def main() -> None:
         "flop_counter_worst_deviation": counter_check,
         "rows": rows,
         "timing": timing,
-        "training": training_cost(args.vanilla, args.blockskim),
+        "training": training_cost(
+            args.vanilla, args.joint_training or args.blockskim, args.joint_training and args.blockskim
+        ),
     }
     atomic_write_json(args.output, result)
     print(f"wrote {args.output}")
 
 
-def training_cost(vanilla_dir: str, blockskim_dir: str) -> dict[str, Any] | None:
-    """Training throughput of the two runs from their `train_results.json` (trained side by side)."""
+def training_cost(vanilla_dir: str, blockskim_dir: str, stage_dir: str | None = None) -> dict[str, Any] | None:
+    """Training throughput of the two runs from their `train_results.json` (trained side by side), and the
+    `train_results.json` of the predictor-only stage, when there was one (it ran alone, after them)."""
     results = {}
-    for name, directory in (("vanilla", vanilla_dir), ("blockskim", blockskim_dir)):
-        path = Path(directory) / "train_results.json"
-        if not path.is_file():
-            return None
+    for name, directory in (("vanilla", vanilla_dir), ("blockskim", blockskim_dir), ("predictor_stage", stage_dir)):
+        path = Path(directory) / "train_results.json" if directory else None
+        if path is None or not path.is_file():
+            if name != "predictor_stage":
+                return None
+            continue
         results[name] = json.loads(path.read_text())
     results["blockskim_over_vanilla_samples_per_second"] = (
         results["blockskim"]["train_samples_per_second"] / results["vanilla"]["train_samples_per_second"]

@@ -10,6 +10,11 @@
 # CPU default: a shuffled subset (seed 42) of N_EXAMPLES=4000 SQuAD v1.1 training questions, 1 epoch, which takes
 # about 40 minutes per model on 2 cores. On a GPU pass N_EXAMPLES=all EPOCHS=2 (the full set, the main result).
 # BLOCKSKIM_ARGS adds arguments to the Block-Skim run only, e.g. BLOCKSKIM_ARGS="--predictor_question_features true".
+#
+# Then (c): a predictor-only stage on (b) (`--train_predictors_only`: backbone and span head frozen, run as at
+# inference), STAGE_EPOCHS=3 epochs over the same questions, written to OUTPUT_ROOT/blockskim_predictors; STAGE_ARGS
+# adds arguments, e.g. STAGE_ARGS="--new_skim_predictors true --predictor_question_features true
+# --predictor_diagonal_block false" for new question-only predictors. STAGE_EPOCHS=0 skips it.
 set -euo pipefail
 train_file=${1:?train file (SQuAD v1.1 train JSON)}
 root=${2:?output root}
@@ -37,3 +42,11 @@ python "$here/examples/run_qa.py" "${common[@]}" --block_skim true --skim_predic
 blockskim=$!
 wait $vanilla && wait $blockskim
 grep -h train_samples_per_second "$root"/vanilla.log "$root"/blockskim.log
+stage_epochs=${STAGE_EPOCHS:-3}
+[[ "$stage_epochs" == 0 ]] && exit 0
+# Later arguments override the common ones (argparse keeps the last).
+# shellcheck disable=SC2086  # STAGE_ARGS is a list of arguments
+OMP_NUM_THREADS=2 python "$here/examples/run_qa.py" "${common[@]}" --num_train_epochs "$stage_epochs" \
+  --model_name_or_path "$root/blockskim" --train_predictors_only true --skim_predictor_learning_rate 1e-3 \
+  ${STAGE_ARGS:-} --output_dir "$root/blockskim_predictors" > "$root/blockskim_predictors.log" 2>&1
+grep -h train_samples_per_second "$root"/blockskim_predictors.log
