@@ -91,6 +91,8 @@ def main() -> None:
             "setup": {
                 **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 "windows": len(lengths),
+                "predictor_question_features": models[0].config.predictor_question_features,
+                "predictor_diagonal_block": models[0].config.predictor_diagonal_block,
             },
             "environment": environment(device),
             "rows": rows,

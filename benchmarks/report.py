@@ -202,9 +202,10 @@ def layer_sweep_section(stem: str, sweep: dict[str, Any]) -> str:
     """The (predictor layers, tau) sweep of `benchmarks/predictor_layers.py`: accuracy against FLOPs."""
     setup, rows = sweep["setup"], sweep["rows"]
     vanilla = rows["vanilla"]
+    model = _predictor(sweep) if "predictor_diagonal_block" in setup else f"model `{setup['blockskim']}`"
     lines = [
-        f"### Choice of predictor layers and τ ({setup['max_questions']} seeded dev questions, max_seq_length "
-        f"{setup['max_seq_length']}, no timing)",
+        f"### Choice of predictor layers and τ, {model} ({setup['max_questions']} seeded dev questions, "
+        f"max_seq_length {setup['max_seq_length']}, no timing)",
         f"Source: `benchmarks/results/{stem}.json`, command `{sweep['environment']['command']}`. Vanilla on the same "
         f"questions: EM {vanilla['exact_match']:.2f}, F1 {vanilla['f1']:.2f}.",
         "| predictor layers | τ | EM | F1 | F1 − vanilla | FLOPs × vs dynamic | FLOPs × vs padded |\n"

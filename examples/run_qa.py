@@ -423,7 +423,11 @@ def write_card(trainer: BlockSkimTrainer, model_args: ModelArguments, data_args:
         dataset_name=dataset_id,
         dataset_license=data_args.card_dataset_license,
         base_model=base_model,
-        hyperparameters={"max_seq_length": data_args.max_seq_length, "doc_stride": data_args.doc_stride},
+        hyperparameters={
+            "max_seq_length": data_args.max_seq_length,
+            "doc_stride": data_args.doc_stride,
+            "predictors trained alone on the frozen model": trainer.train_predictors_only,
+        },
     )
 
 

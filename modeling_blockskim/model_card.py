@@ -291,8 +291,17 @@ def _architecture(config: BlockSkimConfig, base_model: str | None) -> str:
     return (
         f"This checkpoint: a `{backbone.model_type}` backbone with {backbone.num_hidden_layers} layers, hidden size "
         f"{backbone.hidden_size} and {backbone.num_attention_heads} attention heads; blocks of {config.block_size} "
-        f"tokens; skim predictors after layers {layers} (0-based). Pretrained backbone: {source}."
+        f"tokens; skim predictors after layers {layers} (0-based), reading {_predictor_inputs(config)}. "
+        f"Pretrained backbone: {source}."
     )
+
+
+def _predictor_inputs(config: BlockSkimConfig) -> str:
+    if not config.predictor_diagonal_block:
+        return "only the block-question attention masses (a linear classifier, no CNN)"
+    if config.predictor_question_features:
+        return "the diagonal attention square (CNN) and the block-question attention masses"
+    return "the diagonal attention square (the paper's CNN)"
 
 
 def _training_data(dataset_name: str | None, dataset_license: str | None) -> str:
