@@ -141,6 +141,7 @@ def provenance(result: dict[str, Any]) -> str:
 
 
 def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
+    """The Pareto curves and kept fractions of the main results: those with the first result's model kind."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,12 +149,13 @@ def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
 
     plots.mkdir(parents=True, exist_ok=True)
     written = []
+    kind = _predictor(results[0][1])
+    results = [(stem, result) for stem, result in results if _predictor(result) == kind]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for _stem, result in results:
         rows = result["rows"]
         taus = [name for name in rows if name.startswith("blockskim_tau")]
-        predictor = "question features" if result["setup"].get("predictor_question_features") else "paper predictor"
-        label = _title(result).split(",")[0] + f" {result['setup']['max_seq_length']} ({predictor})"
+        label = _title(result).split(",")[0] + f" {result['setup']['max_seq_length']}"
         for axis, key, title in (
             (axes[0], "flops_speedup_vs_dynamic", "FLOPs speedup vs dynamic padding"),
             (axes[1], "wall", "CPU wall-clock speedup vs dynamic padding (largest batch)"),
@@ -172,7 +174,7 @@ def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
             axis.set_xlabel("speedup (×)")
             axis.set_ylabel("F1")
     axes[0].legend(fontsize=7)
-    figure.suptitle("F1 vs speedup over τ (dashed: vanilla F1)", fontsize=10)
+    figure.suptitle(f"F1 vs speedup over τ (dashed: vanilla F1); {kind}", fontsize=9)
     figure.tight_layout()
     path = plots / "f1_vs_speedup.png"
     figure.savefig(path, dpi=120)
@@ -185,7 +187,7 @@ def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
             if name.startswith("blockskim_tau"):
                 fractions = row["kept_token_fraction_per_layer"]
                 axis.plot(range(len(fractions)), fractions, marker="o", label=name.replace("blockskim_", ""))
-        axis.set_title(_title(result), fontsize=8)
+        axis.set_title(_title(result).split(";")[0], fontsize=8)
         axis.set_xlabel("layer")
         axis.set_ylabel("kept-token fraction")
         axis.set_ylim(0, 1.05)
@@ -248,7 +250,7 @@ def render(
             stage = training.get("predictor_stage")
             if stage:
                 parts[-1] += (
-                    f" The predictor-only stage (alone, 2 threads): {stage['train_samples_per_second']:.3f} "
+                    f" The predictor-only stage (run after them, 2 threads): {stage['train_samples_per_second']:.3f} "
                     f"samples/s, {stage['train_runtime'] / 60:.0f} minutes for {stage['epoch']:.0f} epochs."
                 )
         sections.append("\n\n".join(parts))
