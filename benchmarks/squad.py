@@ -584,7 +584,7 @@ def main() -> None:
 
 def training_cost(vanilla_dir: str, blockskim_dir: str, stage_dir: str | None = None) -> dict[str, Any] | None:
     """Training throughput of the two runs from their `train_results.json` (trained side by side), and the
-    `train_results.json` of the predictor-only stage, when there was one (it ran alone, after them)."""
+    `train_results.json` of the predictor-only stage, when there was one (run after them)."""
     results = {}
     for name, directory in (("vanilla", vanilla_dir), ("blockskim", blockskim_dir), ("predictor_stage", stage_dir)):
         path = Path(directory) / "train_results.json" if directory else None

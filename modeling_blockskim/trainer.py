@@ -133,6 +133,8 @@ class BlockSkimTrainer(Trainer):
                 group["params"] = [p for p in group["params"] if id(p) not in predictor_ids]
                 settings = {key: value for key, value in group.items() if key != "params"}
                 optimizer.add_param_group({**settings, "params": moved, "lr": self.skim_predictor_learning_rate})
+        # Groups left empty (every trainable parameter a predictor's) would only put their lr into the logs.
+        optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
