@@ -40,13 +40,12 @@ class AttentionProbe:
             in row-major order (`mask.nonzero()`); required with `block_size`.
         diagonal_block (`bool`, defaults to `True`): compute `block_probs`; predictors that read only the question
             masses switch it off.
-        question_index (`torch.LongTensor` of shape `(batch, question_length)`, *optional*): positions of the
-            question tokens, when the block-question attention masses are wanted too; `question_valid` marks the
-            real entries of rows with shorter questions.
+        question_valid (`torch.BoolTensor` of shape `(batch, width)`, *optional*): the question tokens, all among
+            the first `width` positions, when the block-question attention masses are wanted too.
         block_probs (`torch.Tensor` of shape `(N, heads, block_size, block_size)`): filled by the attention
             function, float32; rows of invalid queries are zero.
-        question_features (`torch.Tensor` of shape `(N, 2 * heads)`): filled when `question_index` is given; see
-            `judged_block_question_attention`.
+        question_features (`torch.Tensor` of shape `(N, 2 * heads)`): filled when `question_valid` is given; see
+            `block_question_attention`.
     """
 
     implementation: str
@@ -54,7 +53,6 @@ class AttentionProbe:
     key_valid: torch.Tensor | None = None
     judged_blocks: torch.Tensor | None = None
     diagonal_block: bool = True
-    question_index: torch.Tensor | None = None
     question_valid: torch.Tensor | None = None
     block_probs: torch.Tensor | None = None
     question_features: torch.Tensor | None = None
@@ -62,9 +60,7 @@ class AttentionProbe:
 
 def _key_bias(key_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, L) bool -> (B, 1, 1, L) additive bias; `finfo.min` rather than -inf so no row can turn into NaN."""
-    bias = torch.zeros(key_valid.shape, dtype=dtype, device=key_valid.device)
-    bias.masked_fill_(~key_valid, torch.finfo(dtype).min)
-    return bias[:, None, None, :]
+    return torch.where(key_valid, key_valid.new_zeros((), dtype=dtype), torch.finfo(dtype).min)[:, None, None, :]
 
 
 def _eager_attention(
@@ -227,46 +223,58 @@ def judged_block_probabilities(blocks: JudgedBlocks, scaling: float) -> torch.Te
     return scores.mul_(scaling).add_(key_bias).sub_(blocks.lse[..., None]).exp_()
 
 
-def judged_block_question_attention(
+def block_question_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     lse: torch.Tensor,
-    blocks: JudgedBlocks,
-    question_index: torch.Tensor,
+    key_valid: torch.Tensor,
     question_valid: torch.Tensor,
+    block_size: int,
     scaling: float,
 ) -> torch.Tensor:
-    """Per judged block and head, how much attention flows between the block and the question, without gradient.
+    """Per block and head, how much attention flows between the block and the question, without gradient.
 
-    `to_question[n, h]`: mean over the block's real tokens of the probability mass they put on the question
-    tokens; `from_question[n, h]`: mean over the question tokens of the mass they put on the block. Only the
-    question rows and columns of the judged blocks are computed, O(N x block_size x question x head_dim).
+    `to_question[b, s, h]`: mean over the block's real tokens of the probability mass they put on the question
+    tokens; `from_question[b, s, h]`: mean over the question tokens of the mass they put on the block. Only the
+    question rows and columns of the attention are computed, O(length x question x head_dim) per head, on the
+    `(batch, heads, length, ...)` layout as it is: a handful of batched kernels, where gathering the judged blocks
+    first cost twice as long at batch 1 (the question features are what the question-only predictors read, so
+    their few kernels are the predictor's whole input cost).
 
     Args:
         query, key (`torch.Tensor` of shape `(batch, heads, length, head_dim)`).
         lse (`torch.Tensor` of shape `(batch, heads, length)`): log-sum-exp of every query row over the valid keys.
-        blocks (`JudgedBlocks`): the blocks to describe, gathered from the same tensors.
-        question_index, question_valid (`(batch, question_length)`): question positions and which are real.
+        key_valid (`torch.BoolTensor` of shape `(batch, length)`): real tokens.
+        question_valid (`torch.BoolTensor` of shape `(batch, width)`): the question tokens, all among the first
+            `width <= length` positions.
+        block_size (`int`): tokens per block; a last block the sequence does not fill is averaged over its real
+            tokens.
 
     Returns:
-        `torch.Tensor` of shape `(N, 2 * heads)`, float32: `to_question` for every head, then `from_question`.
+        `torch.Tensor` of shape `(batch, ceil(length / block_size), 2 * heads)`, float32: `to_question` for every
+        head, then `from_question`; 0 for a block without real tokens.
     """
     with torch.no_grad():
-        rows = blocks.rows
-        positions, valid = question_index[rows[:, 0]], question_valid[rows[:, 0]]  # (N, Q)
-        question_weight = valid.float()[:, None, None, :]  # (N, 1, 1, Q)
-        question_query, question_key = take_positions(query, rows, positions), take_positions(key, rows, positions)
-        # Rows of the block, columns of the question: (N, H, bs, Q).
-        scores = torch.matmul(blocks.query, question_key.transpose(-1, -2)).mul_(scaling)
-        to_question = scores.sub_(blocks.lse[..., None]).exp_().mul_(question_weight).sum(dim=(-1, -2))  # (N, H)
-        to_question = to_question / blocks.valid.sum(dim=1, keepdim=True).clamp(min=1)
-        # Rows of the question, columns of the block: (N, H, Q, bs).
-        scores = torch.matmul(question_query, blocks.key.transpose(-1, -2)).mul_(scaling)
-        question_lse = take_positions(lse, rows, positions)  # (N, H, Q)
-        scores = scores.add_(_key_bias(blocks.valid, torch.float32)).sub_(question_lse[..., None]).exp_()
-        from_question = scores.mul_(question_weight.transpose(-1, -2)).sum(dim=(-1, -2))  # (N, H)
-        from_question = from_question / valid.sum(dim=1, keepdim=True).clamp(min=1)
-        return torch.cat([to_question, from_question], dim=1)
+        heads, width = query.shape[1], question_valid.shape[1]
+        query, key = query.float(), key.float()
+        question = question_valid.float()  # (B, W)
+        question_mean = question / question.sum(dim=1, keepdim=True).clamp_(min=1)  # (B, W)
+        # A real key's score never exceeds its row's log-sum-exp; the clamp keeps padding keys, zeroed below, finite.
+        # Rows of every token, columns of the question: (B, H, L, W), summed over the question.
+        scores = torch.matmul(query, key[:, :, :width].transpose(-1, -2) * scaling)
+        probs = scores.sub_(lse[..., None]).clamp_(max=0.0).exp_()
+        to_question = torch.matmul(probs, question[:, None, :, None])[..., 0]  # (B, H, L)
+        # Rows of the question, columns of every token: (B, H, W, L), averaged over the question.
+        scores = torch.matmul(query[:, :, :width] * scaling, key.transpose(-1, -2))
+        probs = scores.sub_(lse[:, :, :width, None]).clamp_(max=0.0).exp_()
+        from_question = torch.matmul(question_mean[:, None, None, :], probs)[:, :, 0]  # (B, H, L)
+        token = key_valid.float()  # (B, L)
+        # Per-token values of real tokens and the token count itself, summed per block in one reduction.
+        per_token = torch.cat([to_question, from_question, token[:, None]], dim=1) * token[:, None]  # (B, 2H+1, L)
+        pad = -key_valid.shape[1] % block_size
+        sums = nn.functional.pad(per_token, (0, pad)).unflatten(-1, (-1, block_size)).sum(dim=-1)  # (B, 2H+1, S)
+        to_block = sums[:, :heads] / sums[:, -1:].clamp(min=1)  # mean over the block's real tokens
+        return torch.cat([to_block, sums[:, heads:-1]], dim=1).transpose(1, 2)  # (B, S, 2H)
 
 
 def blockskim_attention_forward(
@@ -306,13 +314,15 @@ def blockskim_attention_forward(
     if probe.block_size is not None:
         if lse is None:
             lse = row_logsumexp(query, key, probe.key_valid, scaling)
-        blocks = JudgedBlocks.gather(probe.judged_blocks, query, key, lse, probe.key_valid, probe.block_size)
+        judged = probe.judged_blocks
         if probe.diagonal_block:
+            blocks = JudgedBlocks.gather(judged, query, key, lse, probe.key_valid, probe.block_size)
             probe.block_probs = judged_block_probabilities(blocks, scaling)
-        if probe.question_index is not None:
-            probe.question_features = judged_block_question_attention(
-                query, key, lse, blocks, probe.question_index, probe.question_valid, scaling
-            )
+        if probe.question_valid is not None:
+            per_block = block_question_attention(
+                query, key, lse, probe.key_valid, probe.question_valid, probe.block_size, scaling
+            )  # (B, S, 2H)
+            probe.question_features = per_block[judged[:, 0], judged[:, 1]]
     return output, None
 
 

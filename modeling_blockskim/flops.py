@@ -6,7 +6,7 @@ intermediate size I, the Q/K/V/output projections (8 n h^2), the feed-forward (4
 (4 n^2 h); the span head (4 n h); and per skim-predictor layer on K blocks of bs tokens with H heads of d dims, the
 diagonal attention blocks (2 K H bs^2 d) and the CNN on the passage blocks (2 K H^2 9 (bs^2 + bs^2/4) plus
 2 K H bs^2/8) unless the predictors read only the question masses, plus, with question features, the question
-rows and columns of the attention (4 n q H d).
+rows and columns of the attention and their sums over the question (4 n q H (d + 1)).
 Layer norms, softmax and activations are left out, as `torch.utils.flop_counter` leaves them out.
 The paper's ideal speedup (Eq. 4) is also here.
 """
@@ -74,8 +74,8 @@ def forward_flops(
             passage (not protected) blocks present and classify them.
         protected_blocks (`int`, defaults to 0): blocks holding [CLS], question or separators, never classified.
         question_tokens (`int`, defaults to 0): tokens up to the first separators, whose attention rows and columns
-            the predictors read when `config.predictor_question_features` is set (4 H N bs q d per predictor layer
-            for N judged blocks).
+            the predictors read when `config.predictor_question_features` is set (4 H n q (d + 1) per predictor
+            layer on n positions: the question rows and columns, and their weighted sums over the question).
 
     Returns:
         `int` FLOPs.
@@ -99,7 +99,7 @@ def forward_flops(
             if config.predictor_diagonal_block:
                 total += diagonal_block_flops(judged, heads, head_dim, bs)
             if config.predictor_question_features:
-                total += 4 * heads * judged * bs * question_tokens * head_dim
+                total += 4 * heads * tokens_per_layer[layer] * question_tokens * (head_dim + 1)
     return total
 
 

@@ -39,8 +39,7 @@ from .skimming_blockskim import (
     question_token_mask,
     scatter_to_input,
     to_original_blocks,
-    token_index,
-    used_length,
+    used_lengths,
 )
 
 CUSTOM_PIPELINES = {
@@ -287,16 +286,8 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             return BlockSkimQuestionAnsweringOutput(loss=qa_loss, start_logits=start_logits, end_logits=end_logits)
 
         state, num_blocks, protected_tokens = self._initial_state(hidden_states, token_valid, input_ids, skim)
-        # Question tokens sit in protected leading blocks, which compaction never moves: their positions hold.
-        question = (
-            token_index(question_token_mask(input_ids, token_valid, self.config.sep_token_id))
-            if self.config.predictor_question_features
-            else None
-        )
         record = has_labels or output_skim_details
-        state, trace = self._encode_with_predictors(
-            state, num_blocks, skim, threshold, keep_blocks_override, question, record
-        )
+        state, trace = self._encode_with_predictors(state, num_blocks, skim, threshold, keep_blocks_override, record)
         logits = self.qa_outputs(state.hidden_states)  # (B, state.length, 2)
         if skim:
             logits = scatter_to_input(logits, state, num_blocks, length, SKIMMED_LOGIT)  # (B, L, 2)
@@ -373,15 +364,20 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         batch, length = token_valid.shape
         num_blocks = -(-length // block_size)
         pad = num_blocks * block_size - length
-        protected = nn.functional.pad(
-            protected_token_mask(input_ids, token_valid, self.config.sep_token_id), (0, pad)
-        )  # (B, K * bs)
-        used = used_length(token_valid) if skim else length
+        question = question_token_mask(input_ids, token_valid, self.config.sep_token_id)  # (B, L)
+        protected = protected_token_mask(input_ids, token_valid, self.config.sep_token_id, question)
+        used, question_width = used_lengths(token_valid, question)
+        used = used if skim else length
         slots = -(-used // block_size)
-        token_valid = nn.functional.pad(token_valid, (0, pad))[:, : slots * block_size]
+        token_valid, question, protected = (
+            nn.functional.pad(mask, (0, pad)) for mask in (token_valid, question, protected)
+        )  # (B, K * bs)
         block_ids = torch.arange(slots, device=hidden_states.device).expand(batch, slots)
         block_protected = any_per_block(protected[:, : slots * block_size], block_size)
-        state = SkimState(hidden_states[:, :used], token_valid, block_ids, block_protected)
+        tokens = slots * block_size
+        state = SkimState(hidden_states[:, :used], token_valid[:, :tokens], block_ids, block_protected)
+        if self.config.predictor_question_features:
+            state = replace(state, question_tokens=question[:, :tokens], question_width=question_width)
         return state, num_blocks, protected
 
     def _encode_with_predictors(
@@ -391,42 +387,41 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         skim: bool,
         threshold: float,
         keep_blocks_override: dict[int, torch.Tensor] | None,
-        question: tuple[torch.Tensor, torch.Tensor] | None = None,
         record: bool = True,
     ) -> tuple[SkimState, dict[str, list[torch.Tensor]]]:
         """Run every layer; after each predictor layer judge the blocks and, when skimming, drop the rejected ones.
 
-        `question` holds the question positions and their validity (`token_index`) when the predictors also read
-        the block-question attention. `record` fills the trace (block logits, presence, keep masks, kept-token
+        `record` fills the trace (block logits, presence, keep masks, kept-token
         counts in original coordinates) that losses and skim details need; a plain skimming forward skips it, as
         its scatters cost about as much as the keep decision on small batches.
         """
         implementation = self.config._attn_implementation
         trace: dict[str, list[torch.Tensor]] = {"block_logits": [], "present": [], "kept": [], "kept_token_counts": []}
-        mask = self._attention_mask(state.hidden_states, state.layer_token_valid)
+        predictors = {int(index): predictor for index, predictor in self.skim_predictors.items()}
+        # The hidden states live outside `state` between compactions: the state's bookkeeping is per compaction.
+        hidden_states = state.hidden_states
+        mask = self._attention_mask(hidden_states, state.layer_token_valid)
         for index, layer in enumerate(self.layers):
             if record:
                 trace["kept_token_counts"].append(state.token_valid.sum(dim=1))
-            predictor = self.skim_predictors[str(index)] if str(index) in self.skim_predictors else None
+            predictor = predictors.get(index)
             if predictor is None:
-                probe = AttentionProbe(implementation=implementation)
-            else:
-                block_valid = state.block_valid  # (B, S)
-                # Only passage blocks are judged: protected blocks are always kept and never labelled.
-                judged = (block_valid & ~state.block_protected).nonzero()  # (N, 2) row-major (row, slot)
-                probe = AttentionProbe(
-                    implementation=implementation,
-                    block_size=self.config.block_size,
-                    key_valid=state.layer_token_valid,
-                    judged_blocks=judged,
-                    diagonal_block=self.config.predictor_diagonal_block,
-                    question_index=question[0] if question is not None else None,
-                    question_valid=question[1] if question is not None else None,
-                )
-            state = replace(state, hidden_states=layer(state.hidden_states, mask, blockskim_probe=probe))
-            if predictor is None:
+                hidden_states = layer(hidden_states, mask, blockskim_probe=AttentionProbe(implementation))
                 continue
-            logits = state.hidden_states.new_zeros(*block_valid.shape, 2, dtype=self.qa_outputs.weight.dtype)
+            block_valid = state.block_valid  # (B, S)
+            # Only passage blocks are judged: protected blocks are always kept and never labelled.
+            judged = (block_valid & ~state.block_protected).nonzero()  # (N, 2) row-major (row, slot)
+            question = state.question_tokens
+            probe = AttentionProbe(
+                implementation=implementation,
+                block_size=self.config.block_size,
+                key_valid=state.layer_token_valid,
+                judged_blocks=judged,
+                diagonal_block=self.config.predictor_diagonal_block,
+                question_valid=None if question is None else question[:, : min(state.question_width, state.length)],
+            )
+            hidden_states = layer(hidden_states, mask, blockskim_probe=probe)
+            logits = hidden_states.new_zeros(*block_valid.shape, 2, dtype=self.qa_outputs.weight.dtype)
             if judged.shape[0] > 0:
                 logits[judged[:, 0], judged[:, 1]] = predictor(probe.block_probs, probe.question_features)
             if record:
@@ -444,9 +439,12 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             keep = keep_decision(wanted, state.block_protected, block_valid)
             if record:
                 trace["kept"].append(to_original_blocks(keep, state.block_ids, num_blocks, False))
-            state = compact(state, keep)
-            mask = self._attention_mask(state.hidden_states, state.layer_token_valid)
-        return state, trace
+            current = replace(state, hidden_states=hidden_states)
+            state = compact(current, keep)
+            hidden_states = state.hidden_states
+            if state is not current:
+                mask = self._attention_mask(hidden_states, state.layer_token_valid)
+        return replace(state, hidden_states=hidden_states), trace
 
     def _span_logits(self, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._split_span_logits(self.qa_outputs(sequence_output))

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 IGNORE_INDEX = -100
 """Block label of blocks that do not enter the skim loss: protected, padding, or absent."""
@@ -38,35 +39,24 @@ def question_token_mask(input_ids: torch.Tensor, token_valid: torch.Tensor, sep_
         `torch.BoolTensor` of shape `(batch, length)`.
     """
     is_sep = (input_ids == sep_token_id) & token_valid  # (B, L)
-    length = input_ids.shape[1]
-    positions = torch.arange(length, device=input_ids.device)  # (L,)
-    first_sep = torch.where(is_sep.any(dim=1), is_sep.int().argmax(dim=1), length - 1)  # (B,)
-    up_to_first = positions[None, :] <= first_sep[:, None]  # (B, L)
-    # Stays 1 through the question, then through the separators that directly follow the first one.
-    return torch.cumprod((up_to_first | is_sep).int(), dim=1).bool() & token_valid
+    from_first_sep = is_sep.cumsum(dim=1) > 0  # (B, L)
+    # The question ends at the first token after the first separator that is not a separator itself.
+    return ((from_first_sep & ~is_sep).cumsum(dim=1) == 0) & token_valid
 
 
-def protected_token_mask(input_ids: torch.Tensor, token_valid: torch.Tensor, sep_token_id: int) -> torch.Tensor:
+def protected_token_mask(
+    input_ids: torch.Tensor, token_valid: torch.Tensor, sep_token_id: int, question_tokens: torch.Tensor | None = None
+) -> torch.Tensor:
     """Tokens that are never skimmed: everything up to the end of the first run of separators, and every separator.
 
     For `[CLS] question [SEP] context [SEP]` (BERT, ELECTRA) and `<s> question </s></s> context </s>` (RoBERTa)
     this is the [CLS] token, the question and the separators. A row without a separator is protected entirely.
-    Arguments and result as for `question_token_mask`.
+    Arguments and result as for `question_token_mask`; `question_tokens` is its result when the caller has it.
     """
     is_sep = (input_ids == sep_token_id) & token_valid
-    return question_token_mask(input_ids, token_valid, sep_token_id) | is_sep
-
-
-def token_index(token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions of the marked tokens of each row, front-aligned: `(index, valid)`, both `(batch, max marked)`.
-
-    Rows with fewer marked tokens end in entries that point at position 0 and are not `valid`.
-    """
-    counts = token_mask.sum(dim=1)  # (B,)
-    width = max(int(counts.max()), 1)
-    order = torch.sort((~token_mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # (B, W)
-    valid = torch.arange(width, device=token_mask.device)[None, :] < counts[:, None]
-    return order.masked_fill(~valid, 0), valid
+    if question_tokens is None:
+        question_tokens = question_token_mask(input_ids, token_valid, sep_token_id)
+    return question_tokens | is_sep
 
 
 def any_per_block(token_mask: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -121,12 +111,21 @@ class SkimState:
             and filler slots are `False` and are masked as attention keys.
         block_ids (`torch.LongTensor` of shape `(batch, slots)`): original block index of each slot.
         block_protected (`torch.BoolTensor` of shape `(batch, slots)`).
+        question_tokens (`torch.BoolTensor` of shape `(batch, slots * block_size)`, *optional*): the question
+            tokens, tracked when predictors read the block-question attention; they sit in protected blocks, which
+            compaction keeps but may move forward (past dropped padding blocks of a left-padded row).
+        question_width (`int`): the question tokens lie in the first `question_width` positions; compaction only
+            moves them forward, so the bound holds.
+        compacted (`bool`): some block was dropped, so slots no longer sit at their original positions.
     """
 
     hidden_states: torch.Tensor
     token_valid: torch.Tensor
     block_ids: torch.Tensor
     block_protected: torch.Tensor
+    question_tokens: torch.Tensor | None = None
+    question_width: int = 0
+    compacted: bool = False
 
     @property
     def length(self) -> int:
@@ -153,13 +152,15 @@ class SkimState:
         return (self.block_ids[:, :, None] * self.block_size + offsets).flatten(1)
 
 
-def used_length(token_valid: torch.Tensor) -> int:
-    """Positions up to the last real token of any row (at least 1): what the layers must run on.
+def used_lengths(*token_masks: torch.Tensor) -> list[int]:
+    """For each `(batch, length)` mask, the positions up to its last marked token in any row (at least 1).
 
-    One host synchronisation.
+    What the layers must run on (for the real tokens), or how far the question reaches; one host synchronisation
+    for all of them.
     """
-    positions = torch.arange(1, token_valid.shape[1] + 1, device=token_valid.device)  # (L,)
-    return max(int((positions * token_valid).amax()), 1)
+    positions = torch.arange(1, token_masks[0].shape[1] + 1, device=token_masks[0].device)  # (L,)
+    last = torch.stack([(positions * mask).amax() for mask in token_masks])
+    return [max(value, 1) for value in last.tolist()]
 
 
 def keep_decision(wanted: torch.Tensor, block_protected: torch.Tensor, block_valid: torch.Tensor) -> torch.Tensor:
@@ -171,8 +172,8 @@ def compact(state: SkimState, keep: torch.Tensor) -> SkimState:
     """Physically remove the blocks not kept: gather each row's kept blocks to the front, in original order.
 
     The result is as long as the row that keeps most tokens; shorter rows end in filler slots whose tokens are
-    marked invalid, so attention masks them and no row's result depends on the others. One host synchronisation
-    (the new length) is inherent to a dynamic shape.
+    marked invalid, so attention masks them and no row's result depends on the others. Two host synchronisations
+    (whether anything is dropped; the new length) are inherent to a dynamic shape.
 
     Args:
         state (`SkimState`): the current sequence.
@@ -181,6 +182,8 @@ def compact(state: SkimState, keep: torch.Tensor) -> SkimState:
     Returns:
         `SkimState` with `ceil(length / block_size)` slots, `length` the new last used position.
     """
+    if torch.equal(keep, state.block_valid):
+        return state  # nothing dropped anywhere: the common case at batch 1, in one kernel and sync
     batch, slots = keep.shape
     block_size = state.block_size
     kept_per_row = keep.sum(dim=1)  # (B,)
@@ -190,8 +193,6 @@ def compact(state: SkimState, keep: torch.Tensor) -> SkimState:
     block_end = (keep.cumsum(dim=1) - 1) * block_size + extent  # (B, S)
     length = max(int(block_end.masked_fill(~keep, 0).amax()), 1)
     new_slots = -(-length // block_size)
-    if length == state.length and new_slots == slots and torch.equal(keep, state.block_valid):
-        return state  # nothing dropped anywhere
     # Stable sort on "not kept" puts kept blocks first, each group in its current (= original) order.
     order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :new_slots]  # (B, S')
     filled = torch.arange(new_slots, device=keep.device)[None, :] < kept_per_row[:, None]  # (B, S')
@@ -199,13 +200,16 @@ def compact(state: SkimState, keep: torch.Tensor) -> SkimState:
     # Positions past the current length hold no real token; any index there is masked, so clamp it.
     hidden_index = token_index[:, :length].clamp(max=state.length - 1)  # (B, length)
     hidden = state.hidden_states.gather(1, hidden_index[:, :, None].expand(-1, -1, state.hidden_states.shape[-1]))
-    token_valid = state.token_valid.gather(1, token_index) & filled.repeat_interleave(block_size, dim=1)
+    filled_tokens = filled.repeat_interleave(block_size, dim=1)  # (B, S' * bs)
+    question = state.question_tokens
     return replace(
         state,
         hidden_states=hidden,
-        token_valid=token_valid,
+        token_valid=state.token_valid.gather(1, token_index) & filled_tokens,
         block_ids=state.block_ids.gather(1, order),
         block_protected=state.block_protected.gather(1, order) & filled,
+        question_tokens=None if question is None else question.gather(1, token_index) & filled_tokens,
+        compacted=True,
     )
 
 
@@ -234,6 +238,9 @@ def scatter_to_input(
     trailing = [1] * (values.dim() - 2)
     token_valid = state.layer_token_valid
     values = values.masked_fill(~token_valid.reshape(*token_valid.shape, *trailing), fill)
+    if not state.compacted:  # every position is where it started; only the tail past the used length is missing
+        tail = length - state.length
+        return nn.functional.pad(values, [0, 0] * len(trailing) + [0, tail], value=fill) if tail else values
     positions = state.token_positions()[:, : state.length]  # (B, length)
     out_shape = (values.shape[0], num_blocks * state.block_size, *values.shape[2:])
     out = torch.full(out_shape, fill, dtype=values.dtype, device=values.device)

@@ -7,9 +7,9 @@ from torch import nn
 from modeling_blockskim.attention_blockskim import (
     AttentionProbe,
     JudgedBlocks,
+    block_question_attention,
     blockskim_attention_forward,
     judged_block_probabilities,
-    judged_block_question_attention,
     row_logsumexp,
 )
 
@@ -167,10 +167,9 @@ def test_block_question_attention_equals_the_question_rows_and_columns_of_the_so
     question = torch.zeros(2, 21, dtype=torch.bool)
     question[0, :6] = True
     question[1, :4] = True
-    question_index = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 0]])
     question_valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
     scaling = 8**-0.5
-    probe = _probe(key_valid, question_index=question_index, question_valid=question_valid)
+    probe = _probe(key_valid, question_valid=question_valid)
     blockskim_attention_forward(
         _Module(), query, key, value, key_valid[:, None, None, :], scaling=scaling, blockskim_probe=probe
     )
@@ -184,13 +183,10 @@ def test_block_question_attention_equals_the_question_rows_and_columns_of_the_so
                 from_question = probs[row, head][question[row]][:, tokens].sum(dim=-1).mean()
                 expected[row, block, head] = to_question
                 expected[row, block, 3 + head] = from_question
-    expected = expected.flatten(0, 1)  # (N, 2H): every block holds a real token here
-    assert probe.question_features.shape == (6, 6)
-    torch.testing.assert_close(probe.question_features, expected, atol=1e-6, rtol=1e-5)
+    assert probe.question_features.shape == (6, 6)  # (N, 2H): every block holds a real token here
+    torch.testing.assert_close(probe.question_features, expected.flatten(0, 1), atol=1e-6, rtol=1e-5)
     lse = torch.logsumexp(
         (query @ key.transpose(-1, -2) * scaling).masked_fill(~key_valid[:, None, None, :], -1e30), dim=-1
     )
-    judged = torch.tensor([[0, 1], [1, 2]])
-    blocks = JudgedBlocks.gather(judged, query, key, lse, key_valid, 8)
-    direct = judged_block_question_attention(query, key, lse, blocks, question_index, question_valid, scaling)
-    torch.testing.assert_close(direct, expected[[1, 5]], atol=1e-6, rtol=1e-5)
+    direct = block_question_attention(query, key, lse, key_valid, question_valid, 8, scaling)
+    torch.testing.assert_close(direct, expected, atol=1e-6, rtol=1e-5)
