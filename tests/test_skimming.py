@@ -1,5 +1,7 @@
 """The pure tensor operations: protection, block labels, keep decisions, compaction and scattering back."""
 
+from dataclasses import replace
+
 import torch
 
 from modeling_blockskim.skimming_blockskim import (
@@ -110,6 +112,33 @@ def test_scatter_to_input_restores_positions_and_fills_skimmed_ones():
         [0.0, 1.0, -1.0, -1.0, 4.0, 5.0, -1.0],
         [0.0, 1.0, 2.0, 3.0, -1.0, -1.0, -1.0],
     ]
+
+
+def test_compact_moves_the_question_tokens_with_their_block_past_dropped_padding():
+    # Row 1 is left-padded: block 0 is padding, its question sits in block 1 and must move to the front.
+    state = _state()
+    question = torch.zeros(2, 8, dtype=torch.bool)
+    question[0, :2] = True
+    question[1, 2:4] = True
+    state = replace(state, question_tokens=question, question_width=4)
+    keep = torch.tensor([[True, True, True, False], [False, True, True, False]])
+    new = compact(state, keep)
+    assert new.compacted and new.question_width == 4
+    assert new.question_tokens.tolist() == [
+        [True, True, False, False, False, False],
+        [True, True, False, False, False, False],
+    ]
+
+
+def test_scatter_to_input_of_an_uncompacted_state_only_fills_padding_and_the_tail():
+    state = _state()
+    assert compact(state, state.block_valid) is state and not state.compacted
+    values = torch.arange(8, dtype=torch.float32)[None, :, None].expand(2, 8, 1)
+    out = scatter_to_input(values, state, num_blocks=5, length=10, fill=-1.0)
+    # The general path (the same positions put back by a scatter) gives the same result.
+    general = scatter_to_input(values, replace(state, compacted=True), num_blocks=5, length=10, fill=-1.0)
+    assert torch.equal(out, general)
+    assert out[1, :, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, -1.0, -1.0, -1.0, -1.0, -1.0]
 
 
 def test_to_original_blocks_places_slot_values_at_their_block():
