@@ -391,9 +391,9 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
     ) -> tuple[SkimState, dict[str, list[torch.Tensor]]]:
         """Run every layer; after each predictor layer judge the blocks and, when skimming, drop the rejected ones.
 
-        `record` fills the trace (block logits, presence, keep masks, kept-token
-        counts in original coordinates) that losses and skim details need; a plain skimming forward skips it, as
-        its scatters cost about as much as the keep decision on small batches.
+        `record` fills the trace (block logits, presence, keep masks, kept-token counts in original coordinates) that
+        losses and skim details need; a plain skimming forward skips it, as its scatters cost about as much as the
+        keep decision on small batches.
         """
         implementation = self.config._attn_implementation
         trace: dict[str, list[torch.Tensor]] = {"block_logits": [], "present": [], "kept": [], "kept_token_counts": []}
