@@ -160,17 +160,13 @@ class JudgedBlocks:
     """The tokens of the blocks a predictor judges, gathered once from the `(batch, heads, length, ...)` layout.
 
     Attributes:
-        rows (`torch.LongTensor` of shape `(N, 1)`): batch row of each judged block.
-        positions (`torch.LongTensor` of shape `(N, block_size)`): its token positions, clamped to the sequence (a
-            last block the sequence does not fill repeats the last position; those slots are not `valid`).
-        valid (`torch.BoolTensor` of shape `(N, block_size)`): real tokens of the block.
+        valid (`torch.BoolTensor` of shape `(N, block_size)`): real tokens of the block (a last block the sequence
+            does not fill repeats its last position in the gathered tensors; those slots are not valid).
         query, key (`torch.Tensor` of shape `(N, heads, block_size, head_dim)`, float32): the blocks' queries and keys.
         lse (`torch.Tensor` of shape `(N, heads, block_size)`, float32): their rows' log-sum-exp, `+inf` on invalid
             rows so that every probability of such a row is exactly 0.
     """
 
-    rows: torch.Tensor
-    positions: torch.Tensor
     valid: torch.Tensor
     query: torch.Tensor
     key: torch.Tensor
@@ -195,9 +191,7 @@ class JudgedBlocks:
         clamped = positions.clamp(max=length - 1)
         valid = key_valid[rows, clamped] & (positions < length)
         block_lse = take_positions(lse, rows, clamped).masked_fill(~valid[:, None, :], float("inf"))
-        return cls(
-            rows, clamped, valid, take_positions(query, rows, clamped), take_positions(key, rows, clamped), block_lse
-        )
+        return cls(valid, take_positions(query, rows, clamped), take_positions(key, rows, clamped), block_lse)
 
 
 def take_positions(tensor: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -366,18 +366,21 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         pad = num_blocks * block_size - length
         question = question_token_mask(input_ids, token_valid, self.config.sep_token_id)  # (B, L)
         protected = protected_token_mask(input_ids, token_valid, self.config.sep_token_id, question)
-        used, question_width = used_lengths(token_valid, question)
-        used = used if skim else length
+        # One host sync at most: the used length only matters when skimming, the question width only to predictors
+        # that read the question masses.
+        question_features = self.config.predictor_question_features
+        widths = used_lengths(*([token_valid] if skim else []), *([question] if question_features else []))
+        used = widths.pop(0) if skim else length
+        question_width = widths.pop(0) if question_features else 0
         slots = -(-used // block_size)
-        token_valid, question, protected = (
-            nn.functional.pad(mask, (0, pad)) for mask in (token_valid, question, protected)
-        )  # (B, K * bs)
+        token_valid, protected = (nn.functional.pad(mask, (0, pad)) for mask in (token_valid, protected))  # (B, K*bs)
         block_ids = torch.arange(slots, device=hidden_states.device).expand(batch, slots)
         block_protected = any_per_block(protected[:, : slots * block_size], block_size)
         tokens = slots * block_size
         state = SkimState(hidden_states[:, :used], token_valid[:, :tokens], block_ids, block_protected)
-        if self.config.predictor_question_features:
-            state = replace(state, question_tokens=question[:, :tokens], question_width=question_width)
+        if question_features:
+            question = nn.functional.pad(question, (0, pad))[:, :tokens]
+            state = replace(state, question_tokens=question, question_width=question_width)
         return state, num_blocks, protected
 
     def _encode_with_predictors(

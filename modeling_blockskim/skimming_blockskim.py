@@ -158,6 +158,8 @@ def used_lengths(*token_masks: torch.Tensor) -> list[int]:
     What the layers must run on (for the real tokens), or how far the question reaches; one host synchronisation
     for all of them.
     """
+    if not token_masks:
+        return []
     positions = torch.arange(1, token_masks[0].shape[1] + 1, device=token_masks[0].device)  # (L,)
     last = torch.stack([(positions * mask).amax() for mask in token_masks])
     return [max(value, 1) for value in last.tolist()]
