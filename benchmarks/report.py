@@ -224,8 +224,33 @@ def layer_sweep_section(stem: str, sweep: dict[str, Any]) -> str:
     return "\n\n".join(lines)
 
 
+def probe_section(stem: str, probe: dict[str, Any]) -> str:
+    """The offline predictor probes of `benchmarks/predictor_probe.py`: how well each signal finds answer blocks."""
+    setup = probe["setup"]
+    data = "SQuAD-long" if probe["variant"] == "squad-long" else "SQuAD v1.1"
+    lines = [
+        f"### What a predictor after layer {setup['layer']} can tell: offline probes of `{setup['blockskim']}` "
+        f"({data} dev, max_seq_length {setup['max_seq_length']})",
+        f"Source: `benchmarks/results/{stem}.json`, command `{probe['environment']['command']}`. Probes fitted on "
+        f"the {setup['train_judged_blocks']} passage blocks of {setup['max_train_questions']} training questions, "
+        f"scored on {setup['dev_judged_blocks']} dev passage blocks ({setup['dev_answer_blocks']} hold the answer). "
+        "*Rejected at recall r*: the share of answer-free passage blocks below the threshold that keeps a share r "
+        "of the answer blocks.",
+        "| probe | AUC | rejected at recall 0.98 | at 0.99 | at 0.995 |\n|---|---|---|---|---|",
+    ]
+    lines[-1] += "\n" + "\n".join(
+        f"| {name} | {row['auc']:.3f} | {row['rejected_at_recall_0.98']:.3f} | {row['rejected_at_recall_0.99']:.3f} | "
+        f"{row['rejected_at_recall_0.995']:.3f} |"
+        for name, row in probe["rows"].items()
+    )
+    return "\n\n".join(lines)
+
+
 def render(
-    results: list[tuple[str, dict[str, Any]]], plot_paths: list[str], sweeps: list[tuple[str, dict[str, Any]]] = ()
+    results: list[tuple[str, dict[str, Any]]],
+    plot_paths: list[str],
+    sweeps: list[tuple[str, dict[str, Any]]] = (),
+    probes: list[tuple[str, dict[str, Any]]] = (),
 ) -> str:
     sections = []
     for stem, result in results:
@@ -255,6 +280,7 @@ def render(
                 )
         sections.append("\n\n".join(parts))
     sections += [layer_sweep_section(stem, sweep) for stem, sweep in sweeps]
+    sections += [probe_section(stem, probe) for stem, probe in probes]
     figures = "\n\n".join(f"![{Path(path).stem}]({path})" for path in plot_paths)
     return "\n\n".join([*sections, figures])
 
@@ -266,13 +292,15 @@ def main() -> None:
     parser.add_argument("--plots", type=Path, default=ROOT / "benchmarks" / "plots")
     args = parser.parse_args()
 
-    results, sweeps = [], []
+    results, sweeps, probes = [], [], []
     for path in sorted(args.results.glob("*.json")):
         data = json.loads(path.read_text())
         if data.get("benchmark") == "squad":
             results.append((path.stem, data))
         elif data.get("benchmark") == "predictor_layers":
             sweeps.append((path.stem, data))
+        elif data.get("benchmark") == "predictor_probe":
+            probes.append((path.stem, data))
     if not results:
         raise SystemExit(f"no squad results in {args.results}; run benchmarks/squad.py first.")
     results.sort(
@@ -284,7 +312,7 @@ def main() -> None:
         )
     )
     plot_paths = plot(results, args.plots)
-    generated = render(results, plot_paths, sweeps)
+    generated = render(results, plot_paths, sweeps, probes)
     text = args.markdown.read_text() if args.markdown.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{args.markdown} lacks the {BEGIN} / {END} markers that delimit the generated part.")

@@ -24,6 +24,9 @@ SAMPLE_DEV = ROOT / "examples" / "data" / "squad_sample" / "dev-v1.1.json.gz"
 
 
 def _load_script(name: str):
+    # The scripts import their sibling `squad` as they do when run from the command line.
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.append(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
@@ -158,3 +161,64 @@ def test_squad_benchmark_refuses_predictor_layers_the_checkpoint_lacks(tiny_mode
     ]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode != 0 and "has trained predictors only for layers [0, 1]" in run.stderr
+
+
+def test_probe_separation_gives_exact_auc_and_rejected_shares_at_each_recall():
+    probe = _load_script("predictor_probe")
+    positives = torch.arange(100) / 100  # 0.00 .. 0.99
+    negatives = torch.tensor([0.005, 0.0101, 0.505])
+    scores = torch.cat([positives, negatives])
+    labels = torch.cat([torch.ones(100, dtype=torch.long), torch.zeros(3, dtype=torch.long)])
+    result = probe.separation(scores, labels)
+    # Positives above each negative: 99, 98 and 49 of the 100.
+    assert result["auc"] == pytest.approx((99 + 98 + 49) / 300)
+    # Thresholds keeping 98 / 99 / 99.5 % of the positives: 0.0198, 0.0099, 0.00495.
+    assert result["rejected_at_recall_0.98"] == pytest.approx(2 / 3)
+    assert result["rejected_at_recall_0.99"] == pytest.approx(1 / 3)
+    assert result["rejected_at_recall_0.995"] == 0.0
+
+
+def test_probe_context_features_hold_neighbours_and_the_gap_to_the_best_judged_block():
+    probe = _load_script("predictor_probe")
+    features = torch.tensor([[[1.0], [3.0], [2.0]]])
+    judged = torch.tensor([[True, True, False]])  # the third block is never judged: no neighbour value, not the best
+    expected = torch.tensor([[[1.0, 0.0, 3.0, -2.0], [3.0, 1.0, 0.0, 0.0], [2.0, 3.0, 0.0, -1.0]]])
+    torch.testing.assert_close(probe.with_context(features, judged), expected)
+
+
+def test_predictor_probe_scores_every_probe_on_dev_blocks_and_report_renders(tiny_models, tmp_path):
+    _, blockskim = tiny_models
+    output = tmp_path / "probe.json"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "predictor_probe.py"),
+        *(
+            "--blockskim",
+            str(blockskim),
+            "--layer",
+            "1",
+            "--train-file",
+            str(SAMPLE_DEV.with_name("train-v1.1.json.gz")),
+        ),
+        *("--dev-file", str(SAMPLE_DEV), "--max-train-questions", "20", "--max-questions", "10"),
+        *("--matcher-epochs", "1", "--output", str(output)),
+    ]
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
+    probe = json.loads(output.read_text())
+    assert probe["benchmark"] == "predictor_probe" and probe["setup"]["layer"] == 1
+    assert probe["setup"]["dev_judged_blocks"] > probe["setup"]["dev_answer_blocks"] > 0
+    rows = probe["rows"]
+    assert list(rows) == [
+        "trained predictor of the checkpoint",
+        *_load_script("predictor_probe").FEATURES,
+        "token matcher on hidden states + word overlap + log-ratios + neighbours",
+    ]
+    for row in rows.values():
+        assert 0.0 <= row["auc"] <= 1.0
+        # A higher recall needs a lower threshold, which never rejects more blocks.
+        assert row["rejected_at_recall_0.98"] >= row["rejected_at_recall_0.99"] >= row["rejected_at_recall_0.995"]
+    section = _load_script("report").probe_section("probe", probe)
+    row = rows["trained predictor of the checkpoint"]
+    assert (
+        f"| trained predictor of the checkpoint | {row['auc']:.3f} | {row['rejected_at_recall_0.98']:.3f} |" in section
+    )
