@@ -236,12 +236,29 @@ def probe_section(stem: str, probe: dict[str, Any]) -> str:
         f"scored on {setup['dev_judged_blocks']} dev passage blocks ({setup['dev_answer_blocks']} hold the answer). "
         "*Rejected at recall r*: the share of answer-free passage blocks below the threshold that keeps a share r "
         "of the answer blocks.",
-        "| probe | AUC | rejected at recall 0.98 | at 0.99 | at 0.995 |\n|---|---|---|---|---|",
     ]
-    lines[-1] += "\n" + "\n".join(
-        f"| {name} | {row['auc']:.3f} | {row['rejected_at_recall_0.98']:.3f} | {row['rejected_at_recall_0.99']:.3f} | "
-        f"{row['rejected_at_recall_0.995']:.3f} |"
-        for name, row in probe["rows"].items()
+    recalls = [key.removeprefix("rejected_at_recall_") for key in next(iter(probe["rows"].values())) if key != "auc"]
+    lines.append(
+        "| probe | AUC | "
+        + " | ".join(f"rejected at recall {r}" for r in recalls)
+        + " |\n"
+        + "|---" * (2 + len(recalls))
+        + "|\n"
+        + "\n".join(
+            f"| {name} | {row['auc']:.3f} | "
+            + " | ".join(f"{row[f'rejected_at_recall_{r}']:.3f}" for r in recalls)
+            + " |"
+            for name, row in probe["rows"].items()
+        )
+    )
+    at_threshold = probe["trained_predictor_at_threshold"]
+    lines.append(
+        "The checkpoint's own predictor at each τ (compare the F1 of the same τ above):\n\n"
+        "| τ | answer blocks kept | answer-free blocks rejected |\n|---|---|---|\n"
+        + "\n".join(
+            f"| {tau} | {row['answer_block_recall']:.3f} | {row['rejected']:.3f} |"
+            for tau, row in at_threshold.items()
+        )
     )
     return "\n\n".join(lines)
 

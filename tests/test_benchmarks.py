@@ -172,10 +172,10 @@ def test_probe_separation_gives_exact_auc_and_rejected_shares_at_each_recall():
     result = probe.separation(scores, labels)
     # Positives above each negative: 99, 98 and 49 of the 100.
     assert result["auc"] == pytest.approx((99 + 98 + 49) / 300)
-    # Thresholds keeping 98 / 99 / 99.5 % of the positives: 0.0198, 0.0099, 0.00495.
-    assert result["rejected_at_recall_0.98"] == pytest.approx(2 / 3)
+    # Thresholds keeping 95 / 97 / 99 % of the positives: 0.0495, 0.0297, 0.0099.
+    assert result["rejected_at_recall_0.95"] == pytest.approx(2 / 3)
+    assert result["rejected_at_recall_0.97"] == pytest.approx(2 / 3)
     assert result["rejected_at_recall_0.99"] == pytest.approx(1 / 3)
-    assert result["rejected_at_recall_0.995"] == 0.0
 
 
 def test_probe_context_features_hold_neighbours_and_the_gap_to_the_best_judged_block():
@@ -201,7 +201,7 @@ def test_predictor_probe_scores_every_probe_on_dev_blocks_and_report_renders(tin
             str(SAMPLE_DEV.with_name("train-v1.1.json.gz")),
         ),
         *("--dev-file", str(SAMPLE_DEV), "--max-train-questions", "20", "--max-questions", "10"),
-        *("--matcher-epochs", "1", "--output", str(output)),
+        *("--matcher-epochs", "1", "--thresholds", "0", "0.5", "1", "--output", str(output)),
     ]
     subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
     probe = json.loads(output.read_text())
@@ -216,9 +216,14 @@ def test_predictor_probe_scores_every_probe_on_dev_blocks_and_report_renders(tin
     for row in rows.values():
         assert 0.0 <= row["auc"] <= 1.0
         # A higher recall needs a lower threshold, which never rejects more blocks.
-        assert row["rejected_at_recall_0.98"] >= row["rejected_at_recall_0.99"] >= row["rejected_at_recall_0.995"]
+        assert row["rejected_at_recall_0.95"] >= row["rejected_at_recall_0.97"] >= row["rejected_at_recall_0.99"]
+    # tau = 0 keeps every block; a random tiny predictor is nowhere near P(keep) = 1.
+    at_threshold = probe["trained_predictor_at_threshold"]
+    assert at_threshold["0"] == {"answer_block_recall": 1.0, "rejected": 0.0}
+    assert at_threshold["1"] == {"answer_block_recall": 0.0, "rejected": 1.0}
     section = _load_script("report").probe_section("probe", probe)
     row = rows["trained predictor of the checkpoint"]
     assert (
-        f"| trained predictor of the checkpoint | {row['auc']:.3f} | {row['rejected_at_recall_0.98']:.3f} |" in section
+        f"| trained predictor of the checkpoint | {row['auc']:.3f} | {row['rejected_at_recall_0.95']:.3f} |" in section
     )
+    assert "| 0.5 | " in section
