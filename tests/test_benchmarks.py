@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer, BertForQuestionAnswering
 
 from modeling_blockskim import BlockSkimForQuestionAnswering
-from modeling_blockskim.data import load_qa_dataset
+from modeling_blockskim.data import load_qa_dataset, prepare_eval_features
 
 from .testing_utils import tiny_backbone_config
 
@@ -227,3 +227,29 @@ def test_predictor_probe_scores_every_probe_on_dev_blocks_and_report_renders(tin
         f"| trained predictor of the checkpoint | {row['auc']:.3f} | {row['rejected_at_recall_0.95']:.3f} |" in section
     )
     assert "| 0.5 | " in section
+
+
+def test_probe_collects_exactly_the_masses_a_question_predictor_reads(tiny_models):
+    probe = _load_script("predictor_probe")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models[1])
+    model = BlockSkimForQuestionAnswering.from_backbone(
+        tiny_models[0], block_size=8, predictor_question_features=True, predictor_diagonal_block=False
+    ).eval()
+    examples, _ = load_qa_dataset(SAMPLE_DEV)
+    features = examples.select(range(6)).map(
+        prepare_eval_features,
+        batched=True,
+        remove_columns=examples.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "max_seq_length": 128, "doc_stride": 32, "with_answer_positions": True},
+    )
+    read = []
+    hook = model.skim_predictors["1"].register_forward_hook(lambda m, args, out: read.append(args[1]))
+    windows = probe.collect(model, features, 1, 4, tokenizer.pad_token_id, "test")
+    hook.remove()
+    collected = torch.cat([w.masses[w.labels >= 0] for w in windows])
+    assert collected.shape[0] > 0
+    torch.testing.assert_close(collected, torch.cat(read), atol=1e-6, rtol=1e-5)
+    # The trained predictor's P(keep) is the softmax of its logits: a monotone function of the logit difference.
+    for w in windows:
+        judged = w.labels >= 0
+        torch.testing.assert_close(w.trained_keep[judged], torch.sigmoid(w.trained_logit[judged]))
