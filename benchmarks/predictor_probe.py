@@ -34,14 +34,14 @@ from pathlib import Path
 
 import datasets
 import torch
-from squad import collate, load_blockskim, load_dev_features
+from squad import answer_windows, collate, load_blockskim, load_dev_features
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from modeling_blockskim.attention_blockskim import block_question_attention, row_logsumexp
 from modeling_blockskim.benchmarking import atomic_write_json, environment
-from modeling_blockskim.data import load_qa_dataset, prepare_eval_features
+from modeling_blockskim.data import load_qa_dataset
 from modeling_blockskim.skimming_blockskim import question_token_mask
 
 RECALLS = (0.95, 0.97, 0.99)
@@ -278,18 +278,7 @@ def train_features(args: argparse.Namespace, tokenizer) -> datasets.Dataset:
     examples = examples.shuffle(seed=args.train_subset_seed).select(
         range(min(args.max_train_questions, len(examples)))
     )
-    return examples.map(
-        prepare_eval_features,
-        batched=True,
-        remove_columns=examples.column_names,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "max_seq_length": args.max_seq_length,
-            "doc_stride": args.doc_stride,
-            "with_answer_positions": True,
-        },
-        desc="train windows",
-    )
+    return answer_windows(examples, tokenizer, args, "train windows")
 
 
 def main() -> None:

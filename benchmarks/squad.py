@@ -396,7 +396,12 @@ def load_dev_features(args: argparse.Namespace, tokenizer) -> tuple[datasets.Dat
         examples = squad_long(examples, args.paragraphs)
     if args.max_questions is not None and args.max_questions < len(examples):
         examples = examples.shuffle(seed=args.seed).select(range(args.max_questions))
-    features = examples.map(
+    return examples, answer_windows(examples, tokenizer, args, "eval windows"), report
+
+
+def answer_windows(examples: datasets.Dataset, tokenizer, args: argparse.Namespace, desc: str) -> datasets.Dataset:
+    """Evaluation windows of `examples` (`--max-seq-length`, `--doc-stride`) that also carry the gold positions."""
+    return examples.map(
         prepare_eval_features,
         batched=True,
         remove_columns=examples.column_names,
@@ -406,9 +411,8 @@ def load_dev_features(args: argparse.Namespace, tokenizer) -> tuple[datasets.Dat
             "doc_stride": args.doc_stride,
             "with_answer_positions": True,
         },
-        desc="eval windows",
+        desc=desc,
     )
-    return examples, features, report
 
 
 def score(examples: datasets.Dataset, features: datasets.Dataset, result: Pass, metric=None) -> dict[str, float]:
