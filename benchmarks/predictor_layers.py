@@ -93,6 +93,7 @@ def main() -> None:
                 "windows": len(lengths),
                 "predictor_question_features": models[0].config.predictor_question_features,
                 "predictor_diagonal_block": models[0].config.predictor_diagonal_block,
+                "predictor_block_context": models[0].config.predictor_block_context,
             },
             "environment": environment(device),
             "rows": rows,

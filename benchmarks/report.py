@@ -41,6 +41,8 @@ def _predictor(result: dict[str, Any]) -> str:
     setup = result["setup"]
     if not setup.get("predictor_diagonal_block", True):
         kind = "linear predictors of the block-question attention only"
+        if setup.get("predictor_block_context", False):
+            kind += ", in context (log-ratios, neighbouring blocks, gap to the best block)"
     elif setup.get("predictor_question_features", False):
         kind = "predictors read the diagonal attention square and the block-question attention"
     else:

@@ -564,6 +564,7 @@ def main() -> None:
             "skim_layers": config.skim_layers,
             "predictor_question_features": config.predictor_question_features,
             "predictor_diagonal_block": config.predictor_diagonal_block,
+            "predictor_block_context": config.predictor_block_context,
             "joint_training": args.joint_training,
             "dtype": args.dtype,
             "timing_windows": len(sample),

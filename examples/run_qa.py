@@ -146,6 +146,13 @@ class BlockSkimArguments:
             "--predictor_question_features true) leaves a linear classifier of the question masses."
         },
     )
+    predictor_block_context: bool = field(
+        default=False,
+        metadata={
+            "help": "With --predictor_question_features true: predictors read the question masses in context "
+            "(log-ratios to uniform attention, the neighbouring blocks, the gap to the window's best block)."
+        },
+    )
     new_skim_predictors: bool = field(
         default=False,
         metadata={
@@ -238,6 +245,7 @@ def load_model(model_args: ModelArguments, skim_args: BlockSkimArguments):
             skim_threshold=0.01 if skim_args.skim_threshold is None else skim_args.skim_threshold,
             predictor_question_features=skim_args.predictor_question_features,
             predictor_diagonal_block=skim_args.predictor_diagonal_block,
+            predictor_block_context=skim_args.predictor_block_context,
             **hub_kwargs,
         )
     return AutoModelForQuestionAnswering.from_pretrained(

@@ -63,6 +63,12 @@ class BlockSkimConfig(PretrainedConfig):
             block-question masses alone: neither the squares nor the CNN are computed, which is most of a
             predictor layer's cost on small inputs. On MiniLM/SQuAD the CNN adds nothing to those masses (see
             BENCHMARKS.md).
+        predictor_block_context (`bool`, *optional*, defaults to `False`):
+            Give the predictors the block-question masses in context rather than raw (needs
+            `predictor_question_features=True`): as log-ratios to uniform attention, so that they do not shrink as
+            windows grow, together with those of the neighbouring blocks and the difference to the window's best
+            block, since whether a block is the one the question asks about depends on the others (8 x heads numbers
+            per block instead of 2 x heads; negligible extra cost). Not in the paper.
         sep_token_id (`int`, *optional*):
             Id of the separator token. Everything up to the first run of separators (the [CLS] token and the
             question) and every separator are protected from skimming. Defaults to the separator of the backbone's
@@ -101,6 +107,7 @@ class BlockSkimConfig(PretrainedConfig):
     skim_at_inference: bool = True
     predictor_question_features: bool = False
     predictor_diagonal_block: bool = True
+    predictor_block_context: bool = False
     sep_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
@@ -155,13 +162,23 @@ class BlockSkimConfig(PretrainedConfig):
             raise ValueError(
                 f"skim_loss_reduction={self.skim_loss_reduction!r} is not one of {list(SKIM_LOSS_REDUCTIONS)}."
             )
-        for name in ("skim_at_inference", "predictor_question_features", "predictor_diagonal_block"):
+        for name in (
+            "skim_at_inference",
+            "predictor_question_features",
+            "predictor_diagonal_block",
+            "predictor_block_context",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
         if not (self.predictor_diagonal_block or self.predictor_question_features):
             raise ValueError(
                 "predictor_diagonal_block=False needs predictor_question_features=True: a predictor must read "
                 "something."
+            )
+        if self.predictor_block_context and not self.predictor_question_features:
+            raise ValueError(
+                "predictor_block_context=True needs predictor_question_features=True: the context is that of the "
+                "block-question masses."
             )
         vocab_size = self.backbone_config.vocab_size
         if not isinstance(self.sep_token_id, int) or not 0 <= self.sep_token_id < vocab_size:

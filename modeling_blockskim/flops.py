@@ -46,13 +46,20 @@ def diagonal_block_flops(blocks: int, num_heads: int, head_dim: int, block_size:
 
 
 def predictor_flops(
-    blocks: int, num_heads: int, block_size: int, question_features: bool = False, diagonal_block: bool = True
+    blocks: int,
+    num_heads: int,
+    block_size: int,
+    question_features: bool = False,
+    diagonal_block: bool = True,
+    block_context: bool = False,
 ) -> int:
     """FLOPs of the skim predictor classifying `blocks` blocks: two 3x3 convolutions (with `diagonal_block`) and
-    the linear layer, which reads the CNN's features and/or the 2 x heads question masses."""
+    the linear layer, which reads the CNN's features and/or the 2 x heads question masses (8 x heads in context;
+    the context's own element-wise arithmetic is not counted, like the softmax and normalisations elsewhere)."""
     bs, heads = block_size, num_heads
     convolutions = 2 * blocks * heads * heads * 9 * (bs * bs + (bs // 2) ** 2) if diagonal_block else 0
-    inputs = (heads * (bs // 4) ** 2 if diagonal_block else 0) + (2 * heads if question_features else 0)
+    question = (8 if block_context else 2) * heads if question_features else 0
+    inputs = (heads * (bs // 4) ** 2 if diagonal_block else 0) + question
     classifier = 2 * blocks * inputs * 2
     return convolutions + classifier
 
@@ -94,7 +101,12 @@ def forward_flops(
         for layer in config.skim_layers:
             judged = max(-(-tokens_per_layer[layer] // bs) - protected_blocks, 0)
             total += predictor_flops(
-                judged, heads, bs, config.predictor_question_features, config.predictor_diagonal_block
+                judged,
+                heads,
+                bs,
+                config.predictor_question_features,
+                config.predictor_diagonal_block,
+                config.predictor_block_context,
             )
             if config.predictor_diagonal_block:
                 total += diagonal_block_flops(judged, heads, head_dim, bs)

@@ -298,7 +298,8 @@ def _architecture(config: BlockSkimConfig, base_model: str | None) -> str:
 
 def _predictor_inputs(config: BlockSkimConfig) -> str:
     if not config.predictor_diagonal_block:
-        return "only the block-question attention masses (a linear classifier, no CNN)"
+        context = ", in context of the neighbouring and best blocks" if config.predictor_block_context else ""
+        return f"only the block-question attention masses{context} (a linear classifier, no CNN)"
     if config.predictor_question_features:
         return "the diagonal attention square (CNN) and the block-question attention masses"
     return "the diagonal attention square (the paper's CNN)"

@@ -147,6 +147,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
                     config.block_size,
                     config.predictor_question_features,
                     config.predictor_diagonal_block,
+                    config.predictor_block_context,
                 )
                 for layer in config.skim_layers
             }
@@ -422,6 +423,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
                 judged_blocks=judged,
                 diagonal_block=self.config.predictor_diagonal_block,
                 question_valid=None if question is None else question[:, : min(state.question_width, state.length)],
+                block_context=self.config.predictor_block_context,
             )
             hidden_states = layer(hidden_states, mask, blockskim_probe=probe)
             logits = hidden_states.new_zeros(*block_valid.shape, 2, dtype=self.qa_outputs.weight.dtype)
