@@ -10,7 +10,8 @@ probes of growing richness on the training blocks and scores them on the dev blo
 - the checkpoint's own predictor (nothing fitted);
 - a linear probe of the block-question attention masses (the question-only predictor's form);
 - the same masses as log-ratios to uniform attention, so that they do not scale with the window length;
-- those plus the same features of the neighbouring blocks and their difference to the window's best block;
+- those plus the same features of the neighbouring blocks and their difference to the window's best block (exactly
+  what a predictor with `predictor_block_context=True` reads: `block_context_features`);
 - a learned question-block token matcher on the hidden states (per question token, the best-matching token of the
   block, pooled with learned question-token weights), exact word overlap and everything above.
 
@@ -39,7 +40,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from modeling_blockskim.attention_blockskim import block_question_attention, row_logsumexp
+from modeling_blockskim.attention_blockskim import (
+    block_context_features,
+    block_question_attention,
+    neighbour_context,
+    row_logsumexp,
+)
 from modeling_blockskim.benchmarking import atomic_write_json, environment
 from modeling_blockskim.data import load_qa_dataset
 from modeling_blockskim.skimming_blockskim import question_token_mask
@@ -78,7 +84,7 @@ class Windows:
     valid: torch.Tensor  # (B, K*bs) bool
     question: torch.Tensor  # (B, K*bs) bool
     masses: torch.Tensor  # (B, K, 2H): to_question per head, then from_question
-    uniform: torch.Tensor  # (B, K, 2H): each mass under uniform attention, for the log-ratios
+    context: torch.Tensor  # (B, K, 8H): `block_context_features` of the masses; the first 2H are the log-ratios
     labels: torch.Tensor  # (B, K)
     trained_logit: torch.Tensor  # (B, K): keep - skim logit of the checkpoint's predictor
     trained_keep: torch.Tensor  # (B, K): its P(keep), as the model compares it with tau
@@ -121,18 +127,9 @@ def collect(model, features: datasets.Dataset, layer: int, batch_size: int, pad_
                 width = int(question.sum(dim=1).max()) + 1  # the question follows [CLS]
                 lse = row_logsumexp(query, key, valid, scaling)
                 masses = block_question_attention(query, key, lse, valid, question[:, :width], block_size, scaling)
-                # Under uniform attention a token puts q / n of its mass on the q question tokens, and a question
-                # token puts m / n on a block of m real tokens.
-                tokens = valid.sum(dim=1)[:, None, None].float()  # (B, 1, 1)
-                question_tokens = question.sum(dim=1)[:, None, None].float().clamp(min=1)
-                block_tokens = nn.functional.pad(valid, (0, pad)).view(batch_rows, -1, block_size).sum(dim=-1)
-                uniform = torch.cat(
-                    [
-                        (question_tokens / tokens).expand(-1, block_tokens.shape[1], heads),
-                        (block_tokens[..., None].float() / tokens).expand(-1, -1, heads),
-                    ],
-                    dim=-1,
-                )  # (B, K, 2H)
+                context = block_context_features(
+                    masses, valid, question[:, :width], output.block_labels >= 0, block_size
+                )  # (B, K, 8H)
                 logits = output.block_logits[:, predictor_index]
                 windows.append(
                     Windows(
@@ -141,7 +138,7 @@ def collect(model, features: datasets.Dataset, layer: int, batch_size: int, pad_
                         valid=nn.functional.pad(valid, (0, pad)),
                         question=nn.functional.pad(question, (0, pad)),
                         masses=masses,
-                        uniform=uniform,
+                        context=context,
                         labels=output.block_labels,
                         trained_logit=(logits[..., 1] - logits[..., 0]).float(),
                         trained_keep=logits.float().softmax(dim=-1)[..., 1],
@@ -151,15 +148,6 @@ def collect(model, features: datasets.Dataset, layer: int, batch_size: int, pad_
         for hook in hooks:
             hook.remove()
     return windows
-
-
-def with_context(features: torch.Tensor, judged: torch.Tensor) -> torch.Tensor:
-    """Append the left and right neighbours' features and the difference to the window's best judged block."""
-    zeroed = features.masked_fill(~judged[..., None], 0.0)
-    left = nn.functional.pad(zeroed, (0, 0, 1, 0))[:, :-1]
-    right = nn.functional.pad(zeroed, (0, 0, 0, 1))[:, 1:]
-    best = features.masked_fill(~judged[..., None], -1e4).amax(dim=1, keepdim=True)
-    return torch.cat([features, left, right, features - best], dim=-1)
 
 
 class TokenMatcher(nn.Module):
@@ -192,19 +180,17 @@ class TokenMatcher(nn.Module):
         overlap = (present[:, None] * weights[..., self.heads :].transpose(1, 2)[..., None]).sum(dim=2)
         features = torch.cat([matched.transpose(1, 2), overlap.transpose(1, 2), extra], dim=-1)  # (B, K, F)
         judged = windows.labels >= 0
-        return self.classifier(self.norm(with_context(features, judged)[judged])).squeeze(-1)
+        return self.classifier(self.norm(neighbour_context(features, judged)[judged])).squeeze(-1)
 
 
 def log_ratio(windows: Windows) -> torch.Tensor:
-    return (windows.masses / windows.uniform.clamp(min=1e-6)).clamp(min=1e-6).log()
+    return windows.context[..., : windows.masses.shape[-1]]
 
 
 FEATURES = {
     "linear: block-question attention masses": lambda w: w.masses,
     "linear: masses as log-ratios to uniform attention": log_ratio,
-    "linear: log-ratios + neighbours + difference to the window's best block": lambda w: with_context(
-        log_ratio(w), w.labels >= 0
-    ),
+    "linear: log-ratios + neighbours + difference to the window's best block": lambda w: w.context,
 }
 
 

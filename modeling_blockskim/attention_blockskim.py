@@ -317,11 +317,17 @@ def block_context_features(
             dim=-1,
         )  # (B, S, 2H)
         ratio = (masses.float() / uniform.clamp(min=1e-6)).clamp(min=1e-6).log()
-        zeroed = ratio.masked_fill(~judged[..., None], 0.0)
-        before = nn.functional.pad(zeroed, (0, 0, 1, 0))[:, :-1]
-        after = nn.functional.pad(zeroed, (0, 0, 0, 1))[:, 1:]
-        best = ratio.masked_fill(~judged[..., None], -1e4).amax(dim=1, keepdim=True)  # (B, 1, 2H)
-        return torch.cat([ratio, before, after, ratio - best], dim=-1)
+        return neighbour_context(ratio, judged)
+
+
+def neighbour_context(values: torch.Tensor, judged: torch.Tensor) -> torch.Tensor:
+    """`(batch, slots, F)` -> `(batch, slots, 4F)`: each slot's values, those of the slots before and after it (0
+    where that slot is not judged) and the values minus their maximum over the row's judged slots."""
+    zeroed = values.masked_fill(~judged[..., None], 0.0)
+    before = nn.functional.pad(zeroed, (0, 0, 1, 0))[:, :-1]
+    after = nn.functional.pad(zeroed, (0, 0, 0, 1))[:, 1:]
+    best = values.masked_fill(~judged[..., None], -1e4).amax(dim=1, keepdim=True)  # (B, 1, F)
+    return torch.cat([values, before, after, values - best], dim=-1)
 
 
 def blockskim_attention_forward(

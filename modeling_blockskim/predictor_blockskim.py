@@ -44,7 +44,7 @@ class BlockSkimPredictor(nn.Module):
         if not (diagonal_block or question_features):
             raise ValueError("A predictor without the diagonal block needs question_features=True.")
         if block_context and not question_features:
-            raise ValueError("A predictor with block_context reads the question masses: it needs question_features=True.")
+            raise ValueError("block_context describes the question masses: it needs question_features=True.")
         self.features = (
             nn.Sequential(
                 nn.Conv2d(num_heads, num_heads, kernel_size=3, padding=1),

@@ -7,9 +7,11 @@ from torch import nn
 from modeling_blockskim.attention_blockskim import (
     AttentionProbe,
     JudgedBlocks,
+    block_context_features,
     block_question_attention,
     blockskim_attention_forward,
     judged_block_probabilities,
+    neighbour_context,
     row_logsumexp,
 )
 
@@ -190,3 +192,38 @@ def test_block_question_attention_equals_the_question_rows_and_columns_of_the_so
     )
     direct = block_question_attention(query, key, lse, key_valid, question_valid, 8, scaling)
     torch.testing.assert_close(direct, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_block_context_features_are_log_ratios_to_uniform_with_neighbours_and_the_gap_to_the_best_block():
+    # One row of 10 real tokens in blocks of 4 (4 + 4 + 2), the question 3 of them; one head, so 2 masses per block.
+    key_valid = torch.tensor([[True] * 10 + [False] * 2])
+    question_valid = torch.tensor([[True] * 3])
+    masses = torch.tensor([[[0.9, 0.4], [0.6, 0.2], [0.15, 0.05]]])  # (1, 3, 2): to_question, from_question
+    judged = torch.tensor([[False, True, True]])  # block 0 holds the question
+    got = block_context_features(masses, key_valid, question_valid, judged, block_size=4)
+    # Uniform attention: 3 / 10 of a token's mass on the question; 4 / 10 (2 / 10 for the last block) from it.
+    uniform = torch.tensor([[0.3, 0.4], [0.3, 0.4], [0.3, 0.2]])
+    ratio = (masses[0] / uniform).log()  # (3, 2)
+    best = ratio[1:].amax(dim=0)  # over the judged blocks only
+    zero = torch.zeros(2)
+    expected = torch.stack(
+        [
+            torch.cat([ratio[0], zero, ratio[1], ratio[0] - best]),  # block 0 before nothing, block 1 after
+            torch.cat([ratio[1], zero, ratio[2], ratio[1] - best]),  # block 0 is not judged: its neighbour slot is 0
+            torch.cat([ratio[2], ratio[1], zero, ratio[2] - best]),
+        ]
+    )
+    assert got.shape == (1, 3, 8)
+    torch.testing.assert_close(got[0], expected)
+    # The log-ratios do not depend on the window length: with twice the tokens, in blocks twice as large, the same
+    # pattern puts half the mass on the question, and the question the same mass on each block.
+    longer_masses = masses * torch.tensor([0.5, 1.0])
+    longer = block_context_features(longer_masses, torch.tensor([[True] * 20]), question_valid, judged, block_size=8)
+    torch.testing.assert_close(longer[0, :, :2], ratio)
+
+
+def test_neighbour_context_holds_neighbours_and_the_gap_to_the_best_judged_block():
+    features = torch.tensor([[[1.0], [3.0], [2.0]]])
+    judged = torch.tensor([[True, True, False]])  # the third block is never judged: no neighbour value, not the best
+    expected = torch.tensor([[[1.0, 0.0, 3.0, -2.0], [3.0, 1.0, 0.0, 0.0], [2.0, 3.0, 0.0, -1.0]]])
+    torch.testing.assert_close(neighbour_context(features, judged), expected)

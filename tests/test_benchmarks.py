@@ -178,14 +178,6 @@ def test_probe_separation_gives_exact_auc_and_rejected_shares_at_each_recall():
     assert result["rejected_at_recall_0.99"] == pytest.approx(1 / 3)
 
 
-def test_probe_context_features_hold_neighbours_and_the_gap_to_the_best_judged_block():
-    probe = _load_script("predictor_probe")
-    features = torch.tensor([[[1.0], [3.0], [2.0]]])
-    judged = torch.tensor([[True, True, False]])  # the third block is never judged: no neighbour value, not the best
-    expected = torch.tensor([[[1.0, 0.0, 3.0, -2.0], [3.0, 1.0, 0.0, 0.0], [2.0, 3.0, 0.0, -1.0]]])
-    torch.testing.assert_close(probe.with_context(features, judged), expected)
-
-
 def test_predictor_probe_scores_every_probe_on_dev_blocks_and_report_renders(tiny_models, tmp_path):
     _, blockskim = tiny_models
     output = tmp_path / "probe.json"

@@ -67,6 +67,8 @@ def test_empty_skim_layers_is_allowed_and_means_plain_qa():
         ({"sep_token_id": 10**6}, "sep_token_id", "[0, 30521]"),
         ({"predictor_diagonal_block": False}, "predictor_diagonal_block", "predictor_question_features=True"),
         ({"predictor_diagonal_block": "no"}, "predictor_diagonal_block", "bool"),
+        ({"predictor_block_context": True}, "predictor_block_context", "predictor_question_features=True"),
+        ({"predictor_block_context": 1}, "predictor_block_context", "bool"),
         ({"backbone_config": GPT2Config()}, "backbone_config.model_type", "'bert', 'roberta', 'electra'"),
     ],
 )

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from modeling_blockskim import SKIMMED_LOGIT, BlockSkimForQuestionAnswering
-from modeling_blockskim.skimming_blockskim import any_per_block, protected_token_mask
+from modeling_blockskim.skimming_blockskim import any_per_block, protected_token_mask, question_token_mask
 
 from .testing_utils import BLOCK_SIZE, PREDICTOR_KINDS, SEP_TOKEN_ID, qa_batch, tiny_backbone_config, tiny_model
 
@@ -225,6 +225,51 @@ def test_question_only_predictors_are_linear_and_never_compute_the_diagonal_bloc
     # The logits are the linear layer over the normalised masses, and the decision follows them.
     expected = predictor.classifier(predictor.question_norm(question_features))
     judged = output.block_logits[:, 0].abs().sum(dim=-1) > 0
+    torch.testing.assert_close(output.block_logits[:, 0][judged], expected)
+
+
+def test_context_predictors_read_each_blocks_log_ratios_next_to_its_neighbours_and_the_rows_best_block():
+    raw = tiny_model("bert", num_hidden_layers=4, predictor_question_features=True, predictor_diagonal_block=False)
+    model = BlockSkimForQuestionAnswering.from_backbone(raw, predictor_block_context=True).eval()
+    heads = model.config.backbone_config.num_attention_heads
+    predictor = model.skim_predictors["0"]
+    assert predictor.classifier.in_features == 8 * heads
+    seen = {}
+    for name, source in (("raw", raw.eval()), ("context", model)):
+        source.skim_predictors["0"].register_forward_pre_hook(
+            lambda module, args, name=name: seen.setdefault(name, args)
+        )
+    batch = qa_batch("bert", lengths=(70, 52))
+    with torch.no_grad():
+        raw(**batch, skim=False, output_skim_details=True)
+        output = model(**batch, skim=True, skim_threshold=0.5, output_skim_details=True)
+    masses, context = seen["raw"][1], seen["context"][1]  # (N, 2H), (N, 8H) over the same judged blocks
+    valid = batch["attention_mask"].bool()
+    question = question_token_mask(batch["input_ids"], valid, SEP_TOKEN_ID["bert"])
+    judged = output.block_logits[:, 0].abs().sum(dim=-1) > 0  # (B, K)
+    rows, blocks = judged.nonzero().unbind(1)
+    tokens, questions = valid.sum(dim=1)[rows].float(), question.sum(dim=1)[rows].float()
+    block_tokens = torch.stack(
+        [
+            valid[r, b * BLOCK_SIZE : (b + 1) * BLOCK_SIZE].sum()
+            for r, b in zip(rows.tolist(), blocks.tolist(), strict=True)
+        ]
+    ).float()
+    uniform = torch.cat(
+        [(questions / tokens)[:, None].expand(-1, heads), (block_tokens / tokens)[:, None].expand(-1, heads)], dim=1
+    )
+    ratio = (masses / uniform).log()
+    width = 2 * heads
+    torch.testing.assert_close(context[:, :width], ratio)
+    for index, (row, block) in enumerate(zip(rows.tolist(), blocks.tolist(), strict=True)):
+        in_row = rows == row
+        torch.testing.assert_close(context[index, 3 * width :], ratio[index] - ratio[in_row].amax(dim=0))
+        for offset, part in ((-1, slice(width, 2 * width)), (1, slice(2 * width, 3 * width))):
+            neighbour = (in_row & (blocks == block + offset)).nonzero()
+            expected = ratio[neighbour[0, 0]] if len(neighbour) else torch.zeros(width)
+            torch.testing.assert_close(context[index, part], expected)
+    # The logits the keep decision follows are the linear layer over the normalised context.
+    expected = predictor.classifier(predictor.question_norm(context))
     torch.testing.assert_close(output.block_logits[:, 0][judged], expected)
 
 

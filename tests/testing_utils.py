@@ -21,8 +21,14 @@ PREDICTOR_KINDS = {
     "paper-predictor": {},
     "question-features": {"predictor_question_features": True},
     "question-only": {"predictor_question_features": True, "predictor_diagonal_block": False},
+    "question-context": {
+        "predictor_question_features": True,
+        "predictor_diagonal_block": False,
+        "predictor_block_context": True,
+    },
 }
-"""`tiny_model` settings of the three predictor kinds: the paper's CNN, CNN + question masses, question masses only."""
+"""`tiny_model` settings of the predictor kinds: the paper's CNN, CNN + question masses, question masses only, and
+question masses in context."""
 
 _BLOCK_PACKAGE = """
 import importlib.abc, sys
