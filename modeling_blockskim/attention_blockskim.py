@@ -35,7 +35,8 @@ class AttentionProbe:
         implementation (`str`): the model's attention implementation for the main output (`"sdpa"`, `"eager"`, ...).
         block_size (`int`, *optional*): when set, record the attention probabilities of the judged blocks.
         key_valid (`torch.BoolTensor` of shape `(batch, length)`, *optional*): keys that may be attended to;
-            required with `block_size` (padding and filler slots of a compacted batch are `False`).
+            required with `block_size` (padding and filler slots of a compacted batch are `False`). It must agree
+            with the layer's attention mask: no mask means every key is real.
         judged_blocks (`torch.LongTensor` of shape `(N, 2)`, *optional*): (row, block) of every block to describe,
             in row-major order (`mask.nonzero()`); required with `block_size`.
         diagonal_block (`bool`, defaults to `True`): compute `block_probs`; predictors that read only the question
@@ -44,6 +45,8 @@ class AttentionProbe:
             the first `width` positions, when the block-question attention masses are wanted too.
         block_context (`bool`, defaults to `False`): describe each judged block by its masses in context
             (`block_context_features`) rather than by its raw masses.
+        judged_slots (`torch.BoolTensor` of shape `(batch, slots)`, *optional*): `judged_blocks` as a mask, which
+            the caller has already; required with `block_context`.
         block_probs (`torch.Tensor` of shape `(N, heads, block_size, block_size)`): filled by the attention
             function, float32; rows of invalid queries are zero.
         question_features (`torch.Tensor` of shape `(N, 2 * heads)`, or `(N, 8 * heads)` with `block_context`):
@@ -57,6 +60,7 @@ class AttentionProbe:
     diagonal_block: bool = True
     question_valid: torch.Tensor | None = None
     block_context: bool = False
+    judged_slots: torch.Tensor | None = None
     block_probs: torch.Tensor | None = None
     question_features: torch.Tensor | None = None
 
@@ -88,7 +92,7 @@ def _eager_attention(
 
 
 def _cpu_flash_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, scaling: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The CPU flash-attention kernel behind SDPA, which also returns the row log-sum-exp; `None` off CPU."""
     fused = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -307,27 +311,25 @@ def block_context_features(
     """
     with torch.no_grad():
         batch, slots, width = masses.shape
-        heads = width // 2
-        tokens = key_valid.sum(dim=1).float().clamp(min=1)[:, None, None]  # (B, 1, 1)
-        questions = question_valid.sum(dim=1).float().clamp(min=1)[:, None, None]  # (B, 1, 1)
         pad = slots * block_size - key_valid.shape[1]
         block_tokens = nn.functional.pad(key_valid, (0, pad)).view(batch, slots, block_size).sum(dim=-1)  # (B, S)
-        uniform = torch.cat(
-            [(questions / tokens).expand(-1, slots, heads), (block_tokens[..., None] / tokens).expand(-1, -1, heads)],
-            dim=-1,
-        )  # (B, S, 2H)
-        ratio = (masses.float() / uniform.clamp(min=1e-6)).clamp(min=1e-6).log()
-        return neighbour_context(ratio, judged)
+        questions = question_valid.sum(dim=1, keepdim=True).expand(-1, slots)  # (B, S)
+        # The uniform masses q / n and m / n for every slot at once; a slot without tokens (m = 0) is never judged,
+        # so clamping its count to 1 only keeps its unused ratio finite.
+        counts = torch.stack([questions, block_tokens], dim=-1).clamp_(min=1)  # (B, S, 2)
+        uniform = counts / block_tokens.sum(dim=1)[:, None, None]  # (B, S, 2)
+        ratio = (masses.float().view(batch, slots, 2, width // 2) / uniform[..., None]).clamp_(min=1e-6).log_()
+        return neighbour_context(ratio.view(batch, slots, width), judged)
 
 
 def neighbour_context(values: torch.Tensor, judged: torch.Tensor) -> torch.Tensor:
     """`(batch, slots, F)` -> `(batch, slots, 4F)`: each slot's values, those of the slots before and after it (0
     where that slot is not judged) and the values minus their maximum over the row's judged slots."""
-    zeroed = values.masked_fill(~judged[..., None], 0.0)
-    before = nn.functional.pad(zeroed, (0, 0, 1, 0))[:, :-1]
-    after = nn.functional.pad(zeroed, (0, 0, 0, 1))[:, 1:]
-    best = values.masked_fill(~judged[..., None], -1e4).amax(dim=1, keepdim=True)  # (B, 1, F)
-    return torch.cat([values, before, after, values - best], dim=-1)
+    judged = judged[..., None]  # (B, S, 1)
+    # One padded copy gives both neighbours: slot s - 1 at index s, slot s + 1 at index s + 2.
+    padded = nn.functional.pad(values * judged, (0, 0, 1, 1))  # (B, S + 2, F)
+    best = torch.where(judged, values, -1e4).amax(dim=1, keepdim=True)  # (B, 1, F)
+    return torch.cat([values, padded[:, :-2], padded[:, 2:], values - best], dim=-1)
 
 
 def blockskim_attention_forward(
@@ -354,8 +356,10 @@ def blockskim_attention_forward(
             raise ValueError("AttentionProbe.key_valid and judged_blocks are required with block_size.")
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         if probe.implementation == "sdpa" and not needs_grad and dropout == 0.0:
-            # At inference the fused kernel yields the output and the log-sum-exp in one pass.
-            fused = _cpu_flash_attention(query, key, value, _key_bias(probe.key_valid, query.dtype), scaling)
+            # At inference the fused kernel yields the output and the log-sum-exp in one pass. Without an attention
+            # mask every key is real, and a zero bias would change no bit of either, only cost two kernels.
+            bias = None if attention_mask is None else _key_bias(probe.key_valid, query.dtype)
+            fused = _cpu_flash_attention(query, key, value, bias, scaling)
             if fused is not None:
                 output, lse = fused[0].transpose(1, 2).contiguous(), fused[1]
     if output is None and probe.implementation == "eager":
@@ -376,10 +380,10 @@ def blockskim_attention_forward(
                 query, key, lse, probe.key_valid, probe.question_valid, probe.block_size, scaling
             )  # (B, S, 2H)
             if probe.block_context:
-                judged_grid = torch.zeros(per_block.shape[:2], dtype=torch.bool, device=per_block.device)
-                judged_grid[judged[:, 0], judged[:, 1]] = True
+                if probe.judged_slots is None:
+                    raise ValueError("AttentionProbe.judged_slots is required with block_context.")
                 per_block = block_context_features(
-                    per_block, probe.key_valid, probe.question_valid, judged_grid, probe.block_size
+                    per_block, probe.key_valid, probe.question_valid, probe.judged_slots, probe.block_size
                 )  # (B, S, 8H)
             probe.question_features = per_block[judged[:, 0], judged[:, 1]]
     return output, None

@@ -337,7 +337,15 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         return skim
 
     def _attention_mask(self, hidden_states: torch.Tensor, token_valid: torch.Tensor) -> torch.Tensor | None:
-        """The mask of the model's attention implementation for the current (possibly shortened) sequence."""
+        """The mask of the model's attention implementation for the current (possibly shortened) sequence.
+
+        SDPA and eager attention (both run through `attention_blockskim`) take the `(batch, 1, 1, length)` key mask as
+        it is, or none when every key is real: one reduction and one host sync. transformers' general builder does the
+        same check but, with its Python overhead and the expansion to every query, cost about 0.1 ms per call at
+        batch 1 on CPU, once per forward and again after every compaction. Other implementations get its mask.
+        """
+        if self.config._attn_implementation in ("sdpa", "eager"):
+            return None if bool(token_valid.all()) else token_valid[:, None, None, :]
         return create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=token_valid)
 
     def _encode(self, hidden_states: torch.Tensor, token_valid: torch.Tensor) -> torch.Tensor:
@@ -374,14 +382,18 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         used = widths.pop(0) if skim else length
         question_width = widths.pop(0) if question_features else 0
         slots = -(-used // block_size)
-        token_valid, protected = (nn.functional.pad(mask, (0, pad)) for mask in (token_valid, protected))  # (B, K*bs)
+        token_valid, protected, question = nn.functional.pad(torch.stack([token_valid, protected, question]), (0, pad))
         block_ids = torch.arange(slots, device=hidden_states.device).expand(batch, slots)
         block_protected = any_per_block(protected[:, : slots * block_size], block_size)
         tokens = slots * block_size
-        state = SkimState(hidden_states[:, :used], token_valid[:, :tokens], block_ids, block_protected)
-        if question_features:
-            question = nn.functional.pad(question, (0, pad))[:, :tokens]
-            state = replace(state, question_tokens=question, question_width=question_width)
+        state = SkimState(
+            hidden_states[:, :used],
+            token_valid[:, :tokens],
+            block_ids,
+            block_protected,
+            question_tokens=question[:, :tokens] if question_features else None,
+            question_width=question_width,
+        )
         return state, num_blocks, protected
 
     def _encode_with_predictors(
@@ -405,16 +417,18 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         # The hidden states live outside `state` between compactions: the state's bookkeeping is per compaction.
         hidden_states = state.hidden_states
         mask = self._attention_mask(hidden_states, state.layer_token_valid)
+        plain = AttentionProbe(implementation)  # layers without a predictor only run the attention
         for index, layer in enumerate(self.layers):
             if record:
                 trace["kept_token_counts"].append(state.token_valid.sum(dim=1))
             predictor = predictors.get(index)
             if predictor is None:
-                hidden_states = layer(hidden_states, mask, blockskim_probe=AttentionProbe(implementation))
+                hidden_states = layer(hidden_states, mask, blockskim_probe=plain)
                 continue
             block_valid = state.block_valid  # (B, S)
             # Only passage blocks are judged: protected blocks are always kept and never labelled.
-            judged = (block_valid & ~state.block_protected).nonzero()  # (N, 2) row-major (row, slot)
+            judged_slots = block_valid & ~state.block_protected  # (B, S)
+            judged = judged_slots.nonzero()  # (N, 2) row-major (row, slot)
             question = state.question_tokens
             probe = AttentionProbe(
                 implementation=implementation,
@@ -424,6 +438,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
                 diagonal_block=self.config.predictor_diagonal_block,
                 question_valid=None if question is None else question[:, : min(state.question_width, state.length)],
                 block_context=self.config.predictor_block_context,
+                judged_slots=judged_slots,
             )
             hidden_states = layer(hidden_states, mask, blockskim_probe=probe)
             logits = hidden_states.new_zeros(*block_valid.shape, 2, dtype=self.qa_outputs.weight.dtype)

@@ -17,6 +17,7 @@ Travels with every checkpoint as remote code.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -137,9 +138,10 @@ class SkimState:
         """(batch, length) bool: `token_valid` over the positions the layers run on."""
         return self.token_valid[:, : self.length]
 
-    @property
+    @cached_property
     def block_valid(self) -> torch.Tensor:
-        """(batch, slots) bool: slot holds a block with at least one real token."""
+        """(batch, slots) bool: slot holds a block with at least one real token (computed once per state: the
+        predictor layer and `compact` both need it)."""
         return any_per_block(self.token_valid, self.block_size)
 
     @property
@@ -155,13 +157,13 @@ class SkimState:
 def used_lengths(*token_masks: torch.Tensor) -> list[int]:
     """For each `(batch, length)` mask, the positions up to its last marked token in any row (at least 1).
 
-    What the layers must run on (for the real tokens), or how far the question reaches; one host synchronisation
-    for all of them.
+    What the layers must run on (for the real tokens), or how far the question reaches; the masks share one shape,
+    and one host synchronisation serves all of them.
     """
     if not token_masks:
         return []
     positions = torch.arange(1, token_masks[0].shape[1] + 1, device=token_masks[0].device)  # (L,)
-    last = torch.stack([(positions * mask).amax() for mask in token_masks])
+    last = (torch.stack(token_masks) * positions).amax(dim=(1, 2))  # (masks,)
     return [max(value, 1) for value in last.tolist()]
 
 
@@ -186,31 +188,29 @@ def compact(state: SkimState, keep: torch.Tensor) -> SkimState:
     """
     if torch.equal(keep, state.block_valid):
         return state  # nothing dropped anywhere: the common case at batch 1, in one kernel and sync
-    batch, slots = keep.shape
     block_size = state.block_size
-    kept_per_row = keep.sum(dim=1)  # (B,)
-    # Where each kept block's last real token lands: its rank among the row's kept blocks, plus its own extent.
+    # Stable sort on "not kept" puts kept blocks first, each group in its current (= original) order; the dropped
+    # blocks behind them become the fillers, so their tokens are made invalid before they move.
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices  # (B, S)
     offsets = torch.arange(block_size, device=keep.device)  # (bs,)
-    extent = ((offsets + 1) * state.token_valid.view(batch, slots, block_size)).amax(dim=-1)  # (B, S)
-    block_end = (keep.cumsum(dim=1) - 1) * block_size + extent  # (B, S)
-    length = max(int(block_end.masked_fill(~keep, 0).amax()), 1)
+    token_index = (order[:, :, None] * block_size + offsets).flatten(1)  # (B, S * bs)
+    keep_tokens = keep.repeat_interleave(block_size, dim=1)  # (B, S * bs)
+    token_valid = (state.token_valid & keep_tokens).gather(1, token_index)
+    length = used_lengths(token_valid)[0]
     new_slots = -(-length // block_size)
-    # Stable sort on "not kept" puts kept blocks first, each group in its current (= original) order.
-    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :new_slots]  # (B, S')
-    filled = torch.arange(new_slots, device=keep.device)[None, :] < kept_per_row[:, None]  # (B, S')
-    token_index = (order[:, :, None] * block_size + offsets).flatten(1)  # (B, S' * bs)
+    tokens = new_slots * block_size
+    order, token_index, token_valid = order[:, :new_slots], token_index[:, :tokens], token_valid[:, :tokens]
     # Positions past the current length hold no real token; any index there is masked, so clamp it.
     hidden_index = token_index[:, :length].clamp(max=state.length - 1)  # (B, length)
     hidden = state.hidden_states.gather(1, hidden_index[:, :, None].expand(-1, -1, state.hidden_states.shape[-1]))
-    filled_tokens = filled.repeat_interleave(block_size, dim=1)  # (B, S' * bs)
     question = state.question_tokens
     return replace(
         state,
         hidden_states=hidden,
-        token_valid=state.token_valid.gather(1, token_index) & filled_tokens,
+        token_valid=token_valid,
         block_ids=state.block_ids.gather(1, order),
-        block_protected=state.block_protected.gather(1, order) & filled,
-        question_tokens=None if question is None else question.gather(1, token_index) & filled_tokens,
+        block_protected=(state.block_protected & keep).gather(1, order),
+        question_tokens=None if question is None else (question & keep_tokens).gather(1, token_index),
         compacted=True,
     )
 
