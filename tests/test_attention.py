@@ -227,3 +227,40 @@ def test_neighbour_context_holds_neighbours_and_the_gap_to_the_best_judged_block
     judged = torch.tensor([[True, True, False]])  # the third block is never judged: no neighbour value, not the best
     expected = torch.tensor([[[1.0, 0.0, 3.0, -2.0], [3.0, 1.0, 0.0, 0.0], [2.0, 3.0, 0.0, -1.0]]])
     torch.testing.assert_close(neighbour_context(features, judged), expected)
+
+
+def test_probe_without_an_attention_mask_equals_the_probe_with_every_key_marked_real():
+    # No mask means every key is real; the fused kernel then runs without a bias, and nothing changes, bit for bit.
+    query, key, value = _qkv()
+    key_valid = torch.ones(2, 24, dtype=torch.bool)
+    question_valid = torch.zeros(2, 5, dtype=torch.bool)
+    question_valid[:, :4] = True
+    results = []
+    for mask in (None, key_valid[:, None, None, :]):
+        probe = _probe(key_valid, question_valid=question_valid)
+        output, _ = blockskim_attention_forward(_Module(), query, key, value, mask, blockskim_probe=probe)
+        results.append((output, probe.block_probs, probe.question_features))
+    for unmasked, masked in zip(*results, strict=True):
+        assert torch.equal(unmasked, masked)
+
+
+def test_context_probe_needs_the_judged_slots():
+    query, key, value = _qkv()
+    key_valid = torch.ones(2, 24, dtype=torch.bool)
+    question_valid = torch.ones(2, 4, dtype=torch.bool)
+    probe = _probe(key_valid, question_valid=question_valid, block_context=True, diagonal_block=False)
+    with pytest.raises(ValueError, match="judged_slots"):
+        blockskim_attention_forward(_Module(), query, key, value, None, blockskim_probe=probe)
+    probe = _probe(
+        key_valid,
+        question_valid=question_valid,
+        block_context=True,
+        diagonal_block=False,
+        judged_slots=torch.ones(2, 3, dtype=torch.bool),
+    )
+    blockskim_attention_forward(_Module(), query, key, value, None, blockskim_probe=probe)
+    masses = block_question_attention(
+        query, key, row_logsumexp(query, key, key_valid, 8**-0.5), key_valid, question_valid, 8, 8**-0.5
+    )
+    expected = block_context_features(masses, key_valid, question_valid, torch.ones(2, 3, dtype=torch.bool), 8)
+    torch.testing.assert_close(probe.question_features, expected.flatten(0, 1))

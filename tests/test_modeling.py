@@ -87,6 +87,21 @@ def test_logits_equal_stock_qa_model_when_not_skimming(backbone, attn_implementa
     assert with_predictors.block_logits is not None  # the predictors really ran on the padded-to-blocks sequence
 
 
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_layers_get_the_key_mask_of_the_sequence_or_none_when_every_key_is_real(attn_implementation):
+    # SDPA and eager attention broadcast a (batch, 1, 1, length) key mask over the queries; building transformers'
+    # (batch, 1, length, length) mask cost about 0.1 ms per call at batch 1, after every compaction.
+    stock = STOCK_QA["bert"]._from_config(tiny_backbone_config("bert"), attn_implementation=attn_implementation)
+    model = BlockSkimForQuestionAnswering.from_backbone(
+        stock, block_size=BLOCK_SIZE, sep_token_id=SEP_TOKEN_ID["bert"]
+    )
+    hidden = torch.zeros(2, 5, model.config.backbone_config.hidden_size)
+    assert model._attention_mask(hidden, torch.ones(2, 5, dtype=torch.bool)) is None
+    valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    mask = model._attention_mask(hidden, valid)
+    assert mask.shape == (2, 1, 1, 5) and torch.equal(mask[:, 0, 0], valid)
+
+
 @pytest.mark.parametrize(("device", "dtype"), PLACEMENTS)
 def test_logits_equal_stock_model_on_every_placement(device, dtype):
     model = tiny_model("bert").to(device=device, dtype=dtype)

@@ -14,6 +14,7 @@ from modeling_blockskim.skimming_blockskim import (
     protected_token_mask,
     scatter_to_input,
     to_original_blocks,
+    used_lengths,
 )
 
 SEP = 9
@@ -128,6 +129,30 @@ def test_compact_moves_the_question_tokens_with_their_block_past_dropped_padding
         [True, True, False, False, False, False],
         [True, True, False, False, False, False],
     ]
+
+
+def test_compact_fillers_never_carry_protection_or_question_tokens():
+    # A caller's keep pattern may drop a protected block (the model's never does): the filler slot it turns into
+    # must be neither protected nor a question, so no later predictor or question feature reads it.
+    state = _state()
+    question = torch.zeros(2, 8, dtype=torch.bool)
+    question[:, :2] = True
+    state = replace(state, question_tokens=question, question_width=2)
+    keep = torch.tensor([[True, True, True, True], [False, True, True, False]])
+    new = compact(state, keep)
+    assert new.block_ids.tolist() == [[0, 1, 2, 3], [1, 2, 0, 3]]
+    assert new.block_protected.tolist() == [[True, False, False, False], [False, False, False, False]]
+    assert new.token_valid[1].tolist() == [True, True, True, False, False, False, False, False]
+    assert not new.question_tokens[1].any()
+    assert new.length == 8  # row 0 keeps all 8 tokens; row 1 holds 3 real tokens, then fillers
+
+
+def test_used_lengths_are_the_last_marked_position_of_each_mask_in_any_row():
+    tokens = torch.tensor([[True, True, True, False, False], [True, True, False, False, False]])
+    question = torch.tensor([[True, True, False, False, False], [True, False, False, False, False]])
+    assert used_lengths(tokens, question) == [3, 2]
+    assert used_lengths(torch.zeros(2, 5, dtype=torch.bool)) == [1]  # at least one position
+    assert used_lengths() == []
 
 
 def test_scatter_to_input_of_an_uncompacted_state_only_fills_padding_and_the_tail():
