@@ -17,7 +17,6 @@ Travels with every checkpoint as remote code.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import cached_property
 
 import torch
 from torch import nn
@@ -138,10 +137,9 @@ class SkimState:
         """(batch, length) bool: `token_valid` over the positions the layers run on."""
         return self.token_valid[:, : self.length]
 
-    @cached_property
+    @property
     def block_valid(self) -> torch.Tensor:
-        """(batch, slots) bool: slot holds a block with at least one real token (computed once per state: the
-        predictor layer and `compact` both need it)."""
+        """(batch, slots) bool: slot holds a block with at least one real token."""
         return any_per_block(self.token_valid, self.block_size)
 
     @property
