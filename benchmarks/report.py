@@ -268,11 +268,33 @@ def probe_section(stem: str, probe: dict[str, Any]) -> str:
     return "\n\n".join(lines)
 
 
+def overhead_section(stem: str, profile: dict[str, Any]) -> str:
+    """`benchmarks/overhead_profile.py`: Block-Skim's batch-1 time against the ideal truncation's, region by region."""
+    setup = profile["setup"]
+    lines = [
+        f"### Where the batch-1 time goes: `{setup['blockskim']}`, τ = {setup['threshold']:g}, against the ideal "
+        f"truncation, region by region ({setup['windows']} dev windows, max_seq_length {setup['max_seq_length']})",
+        f"Source: `benchmarks/results/{stem}.json`, command `{profile['environment']['command']}` (revision "
+        f"`{profile['environment']['git_revision']}`). Per window, sum over the windows of each region's median of "
+        f"{setup['repeats']} interleaved runs; hooks stamp the time around every layer in both models.",
+        "| region | Block-Skim ms | ideal truncation ms | extra ms |\n|---|---|---|---|\n"
+        + "\n".join(
+            f"| {row['region']} | {row['blockskim_ms']:.3f} | {row['ideal_ms']:.3f} | {row['extra_ms']:+.3f} |"
+            for row in profile["regions"]
+        )
+        + f"\n| **total** | {profile['blockskim_ms_per_window']:.3f} | {profile['ideal_ms_per_window']:.3f} | "
+        f"{profile['blockskim_ms_per_window'] - profile['ideal_ms_per_window']:+.3f} |",
+        f"Implementation efficiency on these windows: {profile['implementation_efficiency']:.3f}.",
+    ]
+    return "\n\n".join(lines)
+
+
 def render(
     results: list[tuple[str, dict[str, Any]]],
     plot_paths: list[str],
     sweeps: list[tuple[str, dict[str, Any]]] = (),
     probes: list[tuple[str, dict[str, Any]]] = (),
+    overheads: list[tuple[str, dict[str, Any]]] = (),
 ) -> str:
     sections = []
     for stem, result in results:
@@ -303,6 +325,7 @@ def render(
         sections.append("\n\n".join(parts))
     sections += [layer_sweep_section(stem, sweep) for stem, sweep in sweeps]
     sections += [probe_section(stem, probe) for stem, probe in probes]
+    sections += [overhead_section(stem, profile) for stem, profile in overheads]
     figures = "\n\n".join(f"![{Path(path).stem}]({path})" for path in plot_paths)
     return "\n\n".join([*sections, figures])
 
@@ -319,7 +342,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    results, sweeps, probes = [], [], []
+    results, sweeps, probes, overheads = [], [], [], []
     for path in sorted(args.results.glob("*.json")):
         data = json.loads(path.read_text())
         if data.get("benchmark") == "squad":
@@ -328,6 +351,8 @@ def main() -> None:
             sweeps.append((path.stem, data))
         elif data.get("benchmark") == "predictor_probe":
             probes.append((path.stem, data))
+        elif data.get("benchmark") == "overhead_profile":
+            overheads.append((path.stem, data))
     if not results:
         raise SystemExit(f"no squad results in {args.results}; run benchmarks/squad.py first.")
     results.sort(
@@ -340,7 +365,7 @@ def main() -> None:
         )
     )
     plot_paths = plot(results, args.plots)
-    generated = render(results, plot_paths, sweeps, probes)
+    generated = render(results, plot_paths, sweeps, probes, overheads)
     text = args.markdown.read_text() if args.markdown.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{args.markdown} lacks the {BEGIN} / {END} markers that delimit the generated part.")

@@ -245,3 +245,37 @@ def test_probe_collects_exactly_the_masses_a_question_predictor_reads(tiny_model
     for w in windows:
         judged = w.labels >= 0
         torch.testing.assert_close(w.trained_keep[judged], torch.sigmoid(w.trained_logit[judged]))
+
+
+def test_overhead_profile_splits_both_forwards_into_the_same_regions_and_report_renders(tiny_models, tmp_path):
+    vanilla, blockskim = tiny_models
+    output = tmp_path / "overhead.json"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "overhead_profile.py"),
+        *("--vanilla", str(vanilla), "--blockskim", str(blockskim), "--dev-file", str(SAMPLE_DEV)),
+        *("--threshold", "0.5", "--windows", "3", "--repeats", "2", "--warmup", "1", "--output", str(output)),
+    ]
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
+    profile = json.loads(output.read_text())
+    regions = profile["regions"]
+    assert [row["region"] for row in regions] == [
+        "before layer 0",
+        "layer 0",
+        "layer 0 -> 1",
+        "layer 1",
+        "layer 1 -> 2",
+        "layer 2",
+        "after the last layer",
+    ]
+    assert all(row["blockskim_ms"] > 0 and row["ideal_ms"] > 0 for row in regions)
+    for row in regions:
+        assert row["extra_ms"] == pytest.approx(row["blockskim_ms"] - row["ideal_ms"])
+    total = sum(row["blockskim_ms"] for row in regions)
+    assert profile["blockskim_ms_per_window"] == pytest.approx(total)
+    ideal = sum(row["ideal_ms"] for row in regions)
+    assert profile["implementation_efficiency"] == pytest.approx(ideal / total)
+    assert profile["setup"]["windows"] == 3 and profile["setup"]["batch_size"] == 1
+    section = _load_script("report").overhead_section("overhead", profile)
+    assert f"| layer 1 -> 2 | {regions[4]['blockskim_ms']:.3f} | {regions[4]['ideal_ms']:.3f} |" in section
+    assert f"{profile['implementation_efficiency']:.3f}" in section

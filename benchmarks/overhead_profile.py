@@ -1,0 +1,171 @@
+"""Where Block-Skim's batch-1 time goes beyond the ideal truncation: the time inside and between the layers.
+
+`squad.py` reports the implementation efficiency, T(ideal truncation) / T(Block-Skim); this says where the difference
+lies. Forward hooks on every layer stamp `time.perf_counter()` before and after it, in Block-Skim and in the ideal
+truncation (the stock layers on the same per-layer kept lengths, `squad.ideal_truncation`), on the same seeded dev
+windows, one window at a time, the two interleaved after warm-up; each region's median over the repeats is summed
+over the windows. The regions:
+
+- `before layer 0`: the embeddings and, in Block-Skim, the question and protected-block masks and the used length;
+- `layer i`: the layer itself; a predictor layer also computes what its predictor reads, inside the attention;
+- `layer i -> i+1`: in Block-Skim after a predictor layer the predictor, the keep decision, the compaction and a new
+  attention mask;
+- `after the last layer`: the span head and, in Block-Skim, scattering the logits back and the output object.
+
+The hooks cost the same in both models, so the extra time per region is Block-Skim's own.
+
+Example:
+
+    python benchmarks/overhead_profile.py --vanilla /work/bench_models7k/vanilla --blockskim /work/ctx/context \
+        --skim-layers 1 --dev-file ../shared/data/squad/dev-v1.1.json.gz --threshold 0.45 \
+        --output benchmarks/results/overhead_profile_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from squad import collate, ideal_truncation, load_dev_features, load_models
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from modeling_blockskim.benchmarking import atomic_write_json, environment, median
+
+
+def region_names(layers: int) -> list[str]:
+    """`before layer 0`, `layer 0`, `layer 0 -> 1`, ..., `layer L-1`, `after the last layer`."""
+    names = ["before layer 0"]
+    for index in range(layers):
+        names.append(f"layer {index}")
+        names.append(f"layer {index} -> {index + 1}" if index + 1 < layers else "after the last layer")
+    return names
+
+
+class RegionClock:
+    """Stamps the time before and after every layer of one forward; `regions` are the differences of the stamps."""
+
+    def __init__(self, layers: Sequence[torch.nn.Module]):
+        self.stamps: list[float] = []
+        self.handles = []
+        for layer in layers:
+            self.handles.append(layer.register_forward_pre_hook(lambda *_: self.stamps.append(time.perf_counter())))
+            self.handles.append(layer.register_forward_hook(lambda *_: self.stamps.append(time.perf_counter())))
+
+    def time(self, run: Callable[[], object]) -> list[float]:
+        self.stamps = [time.perf_counter()]
+        run()
+        self.stamps.append(time.perf_counter())
+        return [later - earlier for earlier, later in itertools.pairwise(self.stamps)]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def profile(
+    vanilla: torch.nn.Module,
+    blockskim: torch.nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    threshold: float,
+    repeats: int,
+    warmup: int,
+) -> dict[str, list[float]]:
+    """Seconds per region, summed over the windows of the per-window medians, for `blockskim` and `ideal`."""
+    clocks = {"blockskim": RegionClock(blockskim.layers), "ideal": RegionClock(vanilla.base_model.encoder.layer)}
+    totals = {name: [0.0] * (2 * len(blockskim.layers) + 1) for name in clocks}
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc="windows", leave=False):
+                kept = blockskim(**batch, skim=True, skim_threshold=threshold, output_skim_details=True)
+                runs = {
+                    "blockskim": lambda batch=batch: blockskim(**batch, skim=True, skim_threshold=threshold),
+                    "ideal": ideal_truncation(vanilla, batch, kept.kept_token_counts),
+                }
+                samples: dict[str, list[list[float]]] = {name: [] for name in runs}
+                for repeat in range(warmup + repeats):
+                    for name, run in runs.items():
+                        regions = clocks[name].time(run)
+                        if repeat >= warmup:
+                            samples[name].append(regions)
+                for name, per_repeat in samples.items():
+                    for index, values in enumerate(zip(*per_repeat, strict=True)):
+                        totals[name][index] += median(list(values))
+    finally:
+        for clock in clocks.values():
+            clock.remove()
+    return totals
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vanilla", required=True, help="vanilla QA checkpoint (the ideal truncation's layers)")
+    parser.add_argument("--blockskim", required=True, help="Block-Skim checkpoint")
+    parser.add_argument(
+        "--skim-layers", type=int, nargs="+", default=None, help="predictor layers used (default: all)"
+    )
+    parser.add_argument("--dev-file", required=True, help="SQuAD-format dev file (.json or .json.gz)")
+    parser.add_argument("--threshold", type=float, default=0.45, help="tau")
+    parser.add_argument("--max-seq-length", type=int, default=384)
+    parser.add_argument("--doc-stride", type=int, default=128)
+    parser.add_argument("--windows", type=int, default=48, help="dev windows profiled (seeded random sample)")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, required=True)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    loading = argparse.Namespace(
+        **vars(args), dtype="float32", variant="squad", paragraphs=1, max_questions=None
+    )  # what `squad.load_models` and `load_dev_features` read
+    vanilla, blockskim = load_models(loading, torch.device("cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(args.blockskim)
+    _, features, _ = load_dev_features(loading, tokenizer)
+    sample = random.Random(args.seed).sample(range(len(features)), min(args.windows, len(features)))
+    batches = [collate(features, [index], tokenizer.pad_token_id) for index in sample]
+    totals = profile(vanilla, blockskim, batches, args.threshold, args.repeats, args.warmup)
+    per_window = {name: [1000 * seconds / len(batches) for seconds in values] for name, values in totals.items()}
+    regions = [
+        {"region": name, "blockskim_ms": ours, "ideal_ms": ideal, "extra_ms": ours - ideal}
+        for name, ours, ideal in zip(
+            region_names(len(blockskim.layers)), per_window["blockskim"], per_window["ideal"], strict=True
+        )
+    ]
+    result: dict[str, Any] = {
+        "benchmark": "overhead_profile",
+        "environment": environment("cpu"),
+        "setup": {
+            "vanilla": args.vanilla,
+            "blockskim": args.blockskim,
+            "skim_layers": blockskim.config.skim_layers,
+            "threshold": args.threshold,
+            "dev_file": args.dev_file,
+            "max_seq_length": args.max_seq_length,
+            "windows": len(batches),
+            "batch_size": 1,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "seed": args.seed,
+        },
+        "regions": regions,
+        "blockskim_ms_per_window": sum(per_window["blockskim"]),
+        "ideal_ms_per_window": sum(per_window["ideal"]),
+        "implementation_efficiency": sum(per_window["ideal"]) / sum(per_window["blockskim"]),
+    }
+    atomic_write_json(args.output, result)
+    for row in regions:
+        print(f"{row['region']:>22}: Block-Skim {row['blockskim_ms']:.3f} ms, ideal {row['ideal_ms']:.3f} ms")
+    print(f"efficiency {result['implementation_efficiency']:.3f}; wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
