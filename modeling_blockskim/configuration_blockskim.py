@@ -68,8 +68,8 @@ class BlockSkimConfig(PretrainedConfig):
             `predictor_question_features=True`): as log-ratios to uniform attention, so that they do not shrink as
             windows grow, together with those of the neighbouring blocks and the difference to the window's best
             block, since whether a block is the one the question asks about depends on the others (8 x heads numbers
-            per block instead of 2 x heads; about 20 more small kernels per predictor call, which cost about 3 % of
-            a SQuAD window's time at batch 1 on CPU, see BENCHMARKS.md). Not in the paper.
+            per block instead of 2 x heads, and about a dozen more small kernels per predictor call, which count at
+            batch 1 on CPU: BENCHMARKS.md, *Where the batch-1 time goes*). Not in the paper.
         sep_token_id (`int`, *optional*):
             Id of the separator token. Everything up to the first run of separators (the [CLS] token and the
             question) and every separator are protected from skimming. Defaults to the separator of the backbone's
