@@ -34,6 +34,13 @@ def _load_script(name: str):
     return module
 
 
+def _run_benchmark(script: str, *arguments: str) -> dict:
+    """Run `benchmarks/<script>.py` as a user would; return the results JSON it wrote to its `--output`."""
+    command = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *arguments]
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
+    return json.loads(Path(arguments[arguments.index("--output") + 1]).read_text())
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
     """A random tiny vanilla BERT QA model and a Block-Skim model on the same backbone, with the MiniLM tokenizer."""
@@ -82,16 +89,13 @@ def test_ideal_truncation_at_full_length_equals_the_stock_model(tiny_models):
 def test_squad_benchmark_writes_every_row_with_exact_flops_and_report_renders(tiny_models, tmp_path):
     vanilla, blockskim = tiny_models
     output = tmp_path / "results" / "squad_tiny.json"
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "squad.py"),
+    result = _run_benchmark(
+        "squad",
         *("--vanilla", str(vanilla), "--blockskim", str(blockskim), "--dev-file", str(SAMPLE_DEV)),
         *("--max-questions", "6", "--thresholds", "0.01", "0.5", "--timing-features", "2", "--repeats", "1"),
         *("--warmup", "0", "--flop-check-features", "2", "--timing-batch-sizes", "1", "2"),
         *("--output", str(output)),
-    ]
-    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
-    result = json.loads(output.read_text())
+    )
 
     assert set(result["rows"]) == {"vanilla", "blockskim_no_skim", "blockskim_tau=0.01", "blockskim_tau=0.5"}
     assert result["setup"]["questions"] == 6
@@ -126,14 +130,11 @@ def test_squad_benchmark_writes_every_row_with_exact_flops_and_report_renders(ti
 def test_predictor_layer_sweep_scores_every_layer_set_and_threshold(tiny_models, tmp_path):
     vanilla, blockskim = tiny_models
     output = tmp_path / "layers.json"
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "predictor_layers.py"),
+    rows = _run_benchmark(
+        "predictor_layers",
         *("--vanilla", str(vanilla), "--blockskim", str(blockskim), "--dev-file", str(SAMPLE_DEV)),
         *("--max-questions", "6", "--layer-sets", "0,1", "1", "--thresholds", "0", "1", "--output", str(output)),
-    ]
-    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
-    rows = json.loads(output.read_text())["rows"]
+    )["rows"]
     assert list(rows) == ["vanilla", "layers=0,1 tau=0", "layers=0,1 tau=1", "layers=1 tau=0", "layers=1 tau=1"]
     # tau = 0 keeps every block: the predictors only add FLOPs, and fewer of them add less.
     assert (
@@ -181,9 +182,8 @@ def test_probe_separation_gives_exact_auc_and_rejected_shares_at_each_recall():
 def test_predictor_probe_scores_every_probe_on_dev_blocks_and_report_renders(tiny_models, tmp_path):
     _, blockskim = tiny_models
     output = tmp_path / "probe.json"
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "predictor_probe.py"),
+    probe = _run_benchmark(
+        "predictor_probe",
         *(
             "--blockskim",
             str(blockskim),
@@ -194,9 +194,7 @@ def test_predictor_probe_scores_every_probe_on_dev_blocks_and_report_renders(tin
         ),
         *("--dev-file", str(SAMPLE_DEV), "--max-train-questions", "20", "--max-questions", "10"),
         *("--matcher-epochs", "1", "--thresholds", "0", "0.5", "1", "--output", str(output)),
-    ]
-    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
-    probe = json.loads(output.read_text())
+    )
     assert probe["benchmark"] == "predictor_probe" and probe["setup"]["layer"] == 1
     assert probe["setup"]["dev_judged_blocks"] > probe["setup"]["dev_answer_blocks"] > 0
     rows = probe["rows"]
@@ -250,14 +248,11 @@ def test_probe_collects_exactly_the_masses_a_question_predictor_reads(tiny_model
 def test_overhead_profile_splits_both_forwards_into_the_same_regions_and_report_renders(tiny_models, tmp_path):
     vanilla, blockskim = tiny_models
     output = tmp_path / "overhead.json"
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "overhead_profile.py"),
+    profile = _run_benchmark(
+        "overhead_profile",
         *("--vanilla", str(vanilla), "--blockskim", str(blockskim), "--dev-file", str(SAMPLE_DEV)),
         *("--threshold", "0.5", "--windows", "3", "--repeats", "2", "--warmup", "1", "--output", str(output)),
-    ]
-    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
-    profile = json.loads(output.read_text())
+    )
     regions = profile["regions"]
     assert [row["region"] for row in regions] == [
         "before layer 0",
