@@ -91,6 +91,7 @@ def main() -> None:
             "setup": {
                 **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 "windows": len(lengths),
+                "block_size": models[0].config.block_size,
                 "predictor_question_features": models[0].config.predictor_question_features,
                 "predictor_diagonal_block": models[0].config.predictor_diagonal_block,
                 "predictor_block_context": models[0].config.predictor_block_context,

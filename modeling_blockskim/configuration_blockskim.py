@@ -33,7 +33,9 @@ class BlockSkimConfig(PretrainedConfig):
             Configuration of the backbone encoder. A `dict` must carry `model_type`. Defaults to `BertConfig()`.
         block_size (`int`, *optional*, defaults to 32):
             Tokens per block. The skim predictor pools the bs x bs attention image twice by 2, so the block size must
-            be a positive multiple of 4 (the paper finds 8 to 64 equally good, 128 worse).
+            be a positive multiple of 4 (the paper finds 8 to 64 equally good, 128 worse). A kept block keeps all its
+            tokens, so smaller blocks skim finer: with the block-question predictors on MiniLM/SQuAD, 16 saves more
+            FLOPs at the same F1 than 32 or 8 (BENCHMARKS.md, model (e)).
         skim_layers (`list[int]`, *optional*):
             0-based indices of the layers followed by a skim predictor. Defaults to every layer but the last (a
             decision after the last layer would save nothing, so the last layer is not allowed). An empty list gives

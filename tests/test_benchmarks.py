@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertForQuestionAnswering
 
-from modeling_blockskim import BlockSkimForQuestionAnswering
+from modeling_blockskim import BlockSkimConfig, BlockSkimForQuestionAnswering
 from modeling_blockskim.data import load_qa_dataset, prepare_eval_features
 
 from .testing_utils import tiny_backbone_config
@@ -145,7 +145,12 @@ def test_predictor_layer_sweep_scores_every_layer_set_and_threshold(tiny_models,
         rows["layers=0,1 tau=1"]["flops_speedup_vs_dynamic"] > rows["layers=1 tau=1"]["flops_speedup_vs_dynamic"] > 1
     )
     assert rows["layers=1 tau=0"]["f1"] == pytest.approx(rows["layers=0,1 tau=0"]["f1"])
-    section = _load_script("report").layer_sweep_section("layers", json.loads(output.read_text()))
+    sweep = json.loads(output.read_text())
+    section = _load_script("report").layer_sweep_section("layers", sweep)
+    # The title names the checkpoint's block size: sweeps of one backbone at several block sizes stay apart.
+    block_size = BlockSkimConfig.from_pretrained(blockskim).block_size
+    assert sweep["setup"]["block_size"] == block_size
+    assert f"blocks of {block_size} tokens" in section.splitlines()[0]
     row = rows["layers=1 tau=1"]
     assert (
         f"| 1 | 1 | {row['exact_match']:.2f} | {row['f1']:.2f} | {row['f1'] - rows['vanilla']['f1']:+.2f} |" in section
