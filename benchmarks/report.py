@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +182,7 @@ def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
             axis.set_xlabel("speedup (×)")
             axis.set_ylabel("F1")
     axes[0].legend(fontsize=7)
-    figure.suptitle(f"F1 vs speedup over τ (dashed: vanilla F1); {kind}", fontsize=9)
+    figure.suptitle(textwrap.fill(f"F1 vs speedup over τ (dashed: vanilla F1); {kind}", 140), fontsize=9)
     figure.tight_layout()
     path = plots / "f1_vs_speedup.png"
     figure.savefig(path, dpi=120)
