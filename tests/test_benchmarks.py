@@ -130,11 +130,12 @@ def test_squad_benchmark_writes_every_row_with_exact_flops_and_report_renders(ti
 def test_predictor_layer_sweep_scores_every_layer_set_and_threshold(tiny_models, tmp_path):
     vanilla, blockskim = tiny_models
     output = tmp_path / "layers.json"
-    rows = _run_benchmark(
+    sweep = _run_benchmark(
         "predictor_layers",
         *("--vanilla", str(vanilla), "--blockskim", str(blockskim), "--dev-file", str(SAMPLE_DEV)),
         *("--max-questions", "6", "--layer-sets", "0,1", "1", "--thresholds", "0", "1", "--output", str(output)),
-    )["rows"]
+    )
+    rows = sweep["rows"]
     assert list(rows) == ["vanilla", "layers=0,1 tau=0", "layers=0,1 tau=1", "layers=1 tau=0", "layers=1 tau=1"]
     # tau = 0 keeps every block: the predictors only add FLOPs, and fewer of them add less.
     assert (
@@ -145,7 +146,6 @@ def test_predictor_layer_sweep_scores_every_layer_set_and_threshold(tiny_models,
         rows["layers=0,1 tau=1"]["flops_speedup_vs_dynamic"] > rows["layers=1 tau=1"]["flops_speedup_vs_dynamic"] > 1
     )
     assert rows["layers=1 tau=0"]["f1"] == pytest.approx(rows["layers=0,1 tau=0"]["f1"])
-    sweep = json.loads(output.read_text())
     section = _load_script("report").layer_sweep_section("layers", sweep)
     # The title names the checkpoint's block size: sweeps of one backbone at several block sizes stay apart.
     block_size = BlockSkimConfig.from_pretrained(blockskim).block_size
