@@ -95,6 +95,7 @@ def main() -> None:
                 "predictor_question_features": models[0].config.predictor_question_features,
                 "predictor_diagonal_block": models[0].config.predictor_diagonal_block,
                 "predictor_block_context": models[0].config.predictor_block_context,
+                "predictor_token_matching": models[0].config.predictor_token_matching,
             },
             "environment": environment(device),
             "rows": rows,

@@ -13,7 +13,8 @@ probes of growing richness on the training blocks and scores them on the dev blo
 - those plus the same features of the neighbouring blocks and their difference to the window's best block (exactly
   what a predictor with `predictor_block_context=True` reads: `block_context_features`);
 - a learned question-block token matcher on the hidden states (per question token, the best-matching token of the
-  block, pooled with learned question-token weights), exact word overlap and everything above.
+  block, pooled with learned question-token weights), exact word overlap and everything above: the model's own
+  `TokenMatcher`, what a predictor with `predictor_token_matching=True` reads.
 
 Each probe is scored by its AUC and by the share of passage blocks without the answer that it rejects at a threshold
 keeping 95, 97 or 99 % of the answer blocks. F1 falls much more slowly than that recall (a lost answer block costs
@@ -28,7 +29,6 @@ each τ of `--thresholds` are recorded too, to be read next to the F1 of the sam
 from __future__ import annotations
 
 import argparse
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +43,11 @@ from transformers import AutoTokenizer
 from modeling_blockskim.attention_blockskim import (
     block_context_features,
     block_question_attention,
-    neighbour_context,
     row_logsumexp,
 )
 from modeling_blockskim.benchmarking import atomic_write_json, environment
 from modeling_blockskim.data import load_qa_dataset
+from modeling_blockskim.predictor_blockskim import TokenMatcher
 from modeling_blockskim.skimming_blockskim import question_token_mask
 
 RECALLS = (0.95, 0.97, 0.99)
@@ -150,37 +150,22 @@ def collect(model, features: datasets.Dataset, layer: int, batch_size: int, pad_
     return windows
 
 
-class TokenMatcher(nn.Module):
-    """Question-block matching on hidden states: per question token its best block token, pooled by learned weights."""
+class MatcherProbe(nn.Module):
+    """What a predictor with `predictor_token_matching=True` reads, fitted offline: the model's own `TokenMatcher`
+    next to the block-question masses in context, batch-normalised, and a linear layer."""
 
-    def __init__(
-        self, hidden_size: int, block_size: int, extra: int, heads: int = 4, rank: int = 32, overlap: int = 2
-    ):
+    def __init__(self, hidden_size: int, context_features: int):
         super().__init__()
-        self.block_size, self.heads, self.rank, self.overlap = block_size, heads, rank, overlap
-        self.query = nn.Linear(hidden_size, heads * rank)
-        self.key = nn.Linear(hidden_size, heads * rank)
-        self.weights = nn.Linear(hidden_size, heads + overlap)
-        self.norm = nn.BatchNorm1d(4 * (heads + overlap + extra))
-        self.classifier = nn.Linear(4 * (heads + overlap + extra), 1)
+        self.matcher = TokenMatcher(hidden_size)
+        self.norm = nn.BatchNorm1d(self.matcher.num_features + context_features)
+        self.classifier = nn.Linear(self.matcher.num_features + context_features, 1)
 
-    def forward(self, windows: Windows, extra: torch.Tensor) -> torch.Tensor:
-        hidden, valid, question = windows.hidden, windows.valid, windows.question
-        batch, length, _ = hidden.shape
-        blocks = length // self.block_size
-        weights = self.weights(hidden).masked_fill(~question[..., None], -1e4).softmax(dim=1)  # (B, L, heads+overlap)
-        query = self.query(hidden).view(batch, length, self.heads, self.rank).transpose(1, 2)
-        key = self.key(hidden).view(batch, length, self.heads, self.rank).transpose(1, 2)
-        scores = (query @ key.transpose(-1, -2) / math.sqrt(self.rank)).masked_fill(~valid[:, None, None], -1e4)
-        best = scores.view(batch, self.heads, length, blocks, self.block_size).amax(dim=-1)  # (B, heads, L, K)
-        matched = (best * weights[..., : self.heads].transpose(1, 2)[..., None]).sum(dim=2)  # (B, heads, K)
-        ids = windows.input_ids
-        same = (ids[:, :, None] == ids[:, None, :]) & question[:, :, None] & valid[:, None, :]  # (B, L, L)
-        present = same.view(batch, length, blocks, self.block_size).any(dim=-1).float()  # (B, L, K)
-        overlap = (present[:, None] * weights[..., self.heads :].transpose(1, 2)[..., None]).sum(dim=2)
-        features = torch.cat([matched.transpose(1, 2), overlap.transpose(1, 2), extra], dim=-1)  # (B, K, F)
+    def forward(self, windows: Windows) -> torch.Tensor:
         judged = windows.labels >= 0
-        return self.classifier(self.norm(neighbour_context(features, judged)[judged])).squeeze(-1)
+        width = int(windows.question.sum(dim=1).max())  # the question tokens come first
+        matches = self.matcher(windows.hidden, windows.input_ids, windows.valid, windows.question[:, :width], judged)
+        features = torch.cat([matches[judged], windows.context[judged]], dim=-1)
+        return self.classifier(self.norm(features)).squeeze(-1)
 
 
 def log_ratio(windows: Windows) -> torch.Tensor:
@@ -221,10 +206,9 @@ def fit_linear(features: torch.Tensor, labels: torch.Tensor, balance: float):
     return lambda f: linear((f - mean) / std).squeeze(-1).detach()
 
 
-def fit_matcher(train: list[Windows], block_size: int, balance: float, epochs: int, seed: int) -> TokenMatcher:
+def fit_matcher(train: list[Windows], balance: float, epochs: int, seed: int) -> MatcherProbe:
     torch.manual_seed(seed)
-    extra = train[0].masses.shape[-1]
-    matcher = TokenMatcher(train[0].hidden.shape[-1], block_size, extra)
+    matcher = MatcherProbe(train[0].hidden.shape[-1], train[0].context.shape[-1])
     optimizer = torch.optim.AdamW(matcher.parameters(), lr=2e-3, weight_decay=0.01)
     batches = list(train)
     for epoch in range(epochs):
@@ -234,7 +218,7 @@ def fit_matcher(train: list[Windows], block_size: int, balance: float, epochs: i
             labels = windows.labels[windows.labels >= 0].float()
             if labels.numel() < 2:
                 continue
-            logits = matcher(windows, log_ratio(windows))
+            logits = matcher(windows)
             weight = torch.where(labels == 1, balance, 1.0)
             loss = nn.functional.binary_cross_entropy_with_logits(logits, labels, weight=weight)
             optimizer.zero_grad()
@@ -281,9 +265,9 @@ def main() -> None:
     for name, values in FEATURES.items():
         probe = fit_linear(*judged_values(train, values), config.balance_factor)
         rows[name] = separation(probe(judged_values(dev, values)[0]), dev_labels)
-    matcher = fit_matcher(train, config.block_size, config.balance_factor, args.matcher_epochs, args.seed)
+    matcher = fit_matcher(train, config.balance_factor, args.matcher_epochs, args.seed)
     with torch.no_grad():
-        scores = torch.cat([matcher(w, log_ratio(w)) for w in dev if (w.labels >= 0).any()])
+        scores = torch.cat([matcher(w) for w in dev if (w.labels >= 0).any()])
     rows["token matcher on hidden states + word overlap + log-ratios + neighbours"] = separation(scores, dev_labels)
     for name, row in rows.items():
         print(f"{name:>80}: AUC {row['auc']:.3f}, rejected at 97 % recall {row['rejected_at_recall_0.97']:.3f}")

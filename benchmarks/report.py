@@ -47,6 +47,8 @@ def _predictor(result: dict[str, Any]) -> str:
         kind = "linear predictors of the block-question attention only"
         if setup.get("predictor_block_context", False):
             kind += ", in context (log-ratios, neighbouring blocks, gap to the best block)"
+        if setup.get("predictor_token_matching", False):
+            kind += ", with token matching on the hidden states"
     elif setup.get("predictor_question_features", False):
         kind = "predictors read the diagonal attention square and the block-question attention"
     else:

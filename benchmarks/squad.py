@@ -565,6 +565,7 @@ def main() -> None:
             "predictor_question_features": config.predictor_question_features,
             "predictor_diagonal_block": config.predictor_diagonal_block,
             "predictor_block_context": config.predictor_block_context,
+            "predictor_token_matching": config.predictor_token_matching,
             "joint_training": args.joint_training,
             "dtype": args.dtype,
             "timing_windows": len(sample),

@@ -153,6 +153,13 @@ class BlockSkimArguments:
             "(log-ratios to uniform attention, the neighbouring blocks, the gap to the window's best block)."
         },
     )
+    predictor_token_matching: bool = field(
+        default=False,
+        metadata={
+            "help": "With --predictor_question_features true: predictors also compare the block's tokens with the "
+            "question's on the predictor layer's hidden states (learned matching heads and token overlap)."
+        },
+    )
     new_skim_predictors: bool = field(
         default=False,
         metadata={
@@ -246,6 +253,7 @@ def load_model(model_args: ModelArguments, skim_args: BlockSkimArguments):
             predictor_question_features=skim_args.predictor_question_features,
             predictor_diagonal_block=skim_args.predictor_diagonal_block,
             predictor_block_context=skim_args.predictor_block_context,
+            predictor_token_matching=skim_args.predictor_token_matching,
             **hub_kwargs,
         )
     return AutoModelForQuestionAnswering.from_pretrained(

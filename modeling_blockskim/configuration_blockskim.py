@@ -72,6 +72,17 @@ class BlockSkimConfig(PretrainedConfig):
             block, since whether a block is the one the question asks about depends on the others (8 x heads numbers
             per block instead of 2 x heads, and about a dozen more small kernels per predictor call, which count at
             batch 1 on CPU: BENCHMARKS.md, *Where the batch-1 time goes*). Not in the paper.
+        predictor_token_matching (`bool`, *optional*, defaults to `False`):
+            Also let the predictors compare the block's tokens with the question's, on the hidden states the
+            predictor layer outputs (needs `predictor_question_features=True`, which tracks the question): per
+            matching head, each question token's best learned low-rank similarity to a token of the block, pooled
+            over the question with learned weights, and the weighted share of question tokens whose id occurs in
+            the block; in context of the neighbouring and best blocks (`predictor_blockskim.TokenMatcher`). An
+            attention mass says how much a block and the question attend to each other overall, not whether the
+            block holds what the question names; after MiniLM's layer 1 the matching rejects more answer-free
+            blocks at the same answer-block recall (BENCHMARKS.md, *Predictor probes*). Costs two small
+            projections of the layer's hidden states and one question-by-sequence product per predictor layer.
+            Not in the paper.
         sep_token_id (`int`, *optional*):
             Id of the separator token. Everything up to the first run of separators (the [CLS] token and the
             question) and every separator are protected from skimming. Defaults to the separator of the backbone's
@@ -111,6 +122,7 @@ class BlockSkimConfig(PretrainedConfig):
     predictor_question_features: bool = False
     predictor_diagonal_block: bool = True
     predictor_block_context: bool = False
+    predictor_token_matching: bool = False
     sep_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
@@ -170,6 +182,7 @@ class BlockSkimConfig(PretrainedConfig):
             "predictor_question_features",
             "predictor_diagonal_block",
             "predictor_block_context",
+            "predictor_token_matching",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
@@ -182,6 +195,11 @@ class BlockSkimConfig(PretrainedConfig):
             raise ValueError(
                 "predictor_block_context=True needs predictor_question_features=True: the context is that of the "
                 "block-question masses."
+            )
+        if self.predictor_token_matching and not self.predictor_question_features:
+            raise ValueError(
+                "predictor_token_matching=True needs predictor_question_features=True: the matcher compares the "
+                "block with the question tokens those features track."
             )
         vocab_size = self.backbone_config.vocab_size
         if not isinstance(self.sep_token_id, int) or not 0 <= self.sep_token_id < vocab_size:

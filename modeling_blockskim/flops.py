@@ -6,7 +6,8 @@ intermediate size I, the Q/K/V/output projections (8 n h^2), the feed-forward (4
 (4 n^2 h); the span head (4 n h); and per skim-predictor layer on K blocks of bs tokens with H heads of d dims, the
 diagonal attention blocks (2 K H bs^2 d) and the CNN on the passage blocks (2 K H^2 9 (bs^2 + bs^2/4) plus
 2 K H bs^2/8) unless the predictors read only the question masses, plus, with question features, the question
-rows and columns of the attention and their sums over the question (4 n q H (d + 1)).
+rows and columns of the attention and their sums over the question (4 n q H (d + 1)), and with token matching the
+matcher's projections and question-by-sequence scores (`token_matcher_flops`).
 Layer norms, softmax and activations are left out, as `torch.utils.flop_counter` leaves them out.
 The paper's ideal speedup (Eq. 4) is also here.
 """
@@ -19,6 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
 from .configuration_blockskim import BlockSkimConfig
+from .predictor_blockskim import MATCH_HEADS, MATCH_OVERLAP, MATCH_RANK
 
 
 def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -52,16 +54,27 @@ def predictor_flops(
     question_features: bool = False,
     diagonal_block: bool = True,
     block_context: bool = False,
+    token_matches: int = 0,
 ) -> int:
     """FLOPs of the skim predictor classifying `blocks` blocks: two 3x3 convolutions (with `diagonal_block`) and
     the linear layer, which reads the CNN's features and/or the 2 x heads question masses (8 x heads in context;
-    the context's own element-wise arithmetic is not counted, like the softmax and normalisations elsewhere)."""
+    the context's own element-wise arithmetic is not counted, like the softmax and normalisations elsewhere) and
+    `token_matches` features of a `TokenMatcher` (computed apart: `token_matcher_flops`)."""
     bs, heads = block_size, num_heads
     convolutions = 2 * blocks * heads * heads * 9 * (bs * bs + (bs // 2) ** 2) if diagonal_block else 0
     question = (8 if block_context else 2) * heads if question_features else 0
-    inputs = (heads * (bs // 4) ** 2 if diagonal_block else 0) + question
+    inputs = (heads * (bs // 4) ** 2 if diagonal_block else 0) + question + token_matches
     classifier = 2 * blocks * inputs * 2
     return convolutions + classifier
+
+
+def token_matcher_flops(tokens: int, question_tokens: int, slots: int, hidden_size: int) -> int:
+    """FLOPs of a `TokenMatcher` (default sizes) on `tokens` positions in `slots` blocks with `question_tokens`
+    question tokens: the key projection of every position, the query and weight projections of the question, the
+    question-by-sequence scores and the weighted token-overlap shares (the max and weighted sums are not counted)."""
+    n, q, h, width = tokens, question_tokens, hidden_size, MATCH_HEADS * MATCH_RANK
+    projections = 2 * n * h * width + 2 * q * h * (width + MATCH_HEADS + MATCH_OVERLAP)
+    return projections + 2 * q * n * width + 2 * MATCH_OVERLAP * q * slots
 
 
 def forward_flops(
@@ -99,7 +112,9 @@ def forward_flops(
         head_dim = backbone.hidden_size // backbone.num_attention_heads
         heads, bs = backbone.num_attention_heads, config.block_size
         for layer in config.skim_layers:
-            judged = max(-(-tokens_per_layer[layer] // bs) - protected_blocks, 0)
+            slots = -(-tokens_per_layer[layer] // bs)
+            judged = max(slots - protected_blocks, 0)
+            matches = 4 * (MATCH_HEADS + MATCH_OVERLAP) if config.predictor_token_matching else 0
             total += predictor_flops(
                 judged,
                 heads,
@@ -107,7 +122,10 @@ def forward_flops(
                 config.predictor_question_features,
                 config.predictor_diagonal_block,
                 config.predictor_block_context,
+                matches,
             )
+            if matches and judged:  # the matcher runs only when some block is judged
+                total += token_matcher_flops(tokens_per_layer[layer], question_tokens, slots, backbone.hidden_size)
             if config.predictor_diagonal_block:
                 total += diagonal_block_flops(judged, heads, head_dim, bs)
             if config.predictor_question_features:

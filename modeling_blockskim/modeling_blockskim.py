@@ -148,6 +148,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
                     config.predictor_question_features,
                     config.predictor_diagonal_block,
                     config.predictor_block_context,
+                    backbone_config.hidden_size if config.predictor_token_matching else None,
                 )
                 for layer in config.skim_layers
             }
@@ -386,6 +387,9 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         block_ids = torch.arange(slots, device=hidden_states.device).expand(batch, slots)
         block_protected = any_per_block(protected[:, : slots * block_size], block_size)
         tokens = slots * block_size
+        token_ids = (
+            nn.functional.pad(input_ids, (0, pad))[:, :tokens] if self.config.predictor_token_matching else None
+        )
         state = SkimState(
             hidden_states[:, :used],
             token_valid[:, :tokens],
@@ -393,6 +397,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             block_protected,
             question_tokens=question[:, :tokens] if question_features else None,
             question_width=question_width,
+            input_ids=token_ids,
         )
         return state, num_blocks, protected
 
@@ -443,7 +448,12 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             hidden_states = layer(hidden_states, mask, blockskim_probe=probe)
             logits = hidden_states.new_zeros(*block_valid.shape, 2, dtype=self.qa_outputs.weight.dtype)
             if judged.shape[0] > 0:
-                logits[judged[:, 0], judged[:, 1]] = predictor(probe.block_probs, probe.question_features)
+                matches = None
+                if predictor.token_matcher is not None:
+                    matches = predictor.token_matcher(
+                        hidden_states, state.input_ids, state.token_valid, probe.question_valid, judged_slots
+                    )[judged[:, 0], judged[:, 1]]
+                logits[judged[:, 0], judged[:, 1]] = predictor(probe.block_probs, probe.question_features, matches)
             if record:
                 trace["block_logits"].append(to_original_blocks(logits, state.block_ids, num_blocks, 0.0))
                 trace["present"].append(to_original_blocks(block_valid, state.block_ids, num_blocks, False))

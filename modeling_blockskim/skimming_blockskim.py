@@ -116,6 +116,8 @@ class SkimState:
             compaction keeps but may move forward (past dropped padding blocks of a left-padded row).
         question_width (`int`): the question tokens lie in the first `question_width` positions; compaction only
             moves them forward, so the bound holds.
+        input_ids (`torch.LongTensor` of shape `(batch, slots * block_size)`, *optional*): the token ids, tracked
+            when predictors compare tokens (`TokenMatcher`); ids of invalid positions are meaningless.
         compacted (`bool`): some block was dropped, so slots no longer sit at their original positions.
     """
 
@@ -125,6 +127,7 @@ class SkimState:
     block_protected: torch.Tensor
     question_tokens: torch.Tensor | None = None
     question_width: int = 0
+    input_ids: torch.Tensor | None = None
     compacted: bool = False
 
     @property
@@ -201,7 +204,7 @@ def compact(state: SkimState, keep: torch.Tensor) -> SkimState:
     # Positions past the current length hold no real token; any index there is masked, so clamp it.
     hidden_index = token_index[:, :length].clamp(max=state.length - 1)  # (B, length)
     hidden = state.hidden_states.gather(1, hidden_index[:, :, None].expand(-1, -1, state.hidden_states.shape[-1]))
-    question = state.question_tokens
+    question, input_ids = state.question_tokens, state.input_ids
     return replace(
         state,
         hidden_states=hidden,
@@ -209,6 +212,7 @@ def compact(state: SkimState, keep: torch.Tensor) -> SkimState:
         block_ids=state.block_ids.gather(1, order),
         block_protected=(state.block_protected & keep).gather(1, order),
         question_tokens=None if question is None else (question & keep_tokens).gather(1, token_index),
+        input_ids=None if input_ids is None else input_ids.gather(1, token_index),
         compacted=True,
     )
 

@@ -69,6 +69,8 @@ def test_empty_skim_layers_is_allowed_and_means_plain_qa():
         ({"predictor_diagonal_block": "no"}, "predictor_diagonal_block", "bool"),
         ({"predictor_block_context": True}, "predictor_block_context", "predictor_question_features=True"),
         ({"predictor_block_context": 1}, "predictor_block_context", "bool"),
+        ({"predictor_token_matching": True}, "predictor_token_matching", "predictor_question_features=True"),
+        ({"predictor_question_features": True, "predictor_token_matching": 1}, "predictor_token_matching", "bool"),
         ({"backbone_config": GPT2Config()}, "backbone_config.model_type", "'bert', 'roberta', 'electra'"),
     ],
 )

@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from modeling_blockskim import SKIMMED_LOGIT, BlockSkimForQuestionAnswering
+from modeling_blockskim.predictor_blockskim import TokenMatcher
 from modeling_blockskim.skimming_blockskim import any_per_block, protected_token_mask, question_token_mask
 
 from .testing_utils import BLOCK_SIZE, PREDICTOR_KINDS, SEP_TOKEN_ID, qa_batch, tiny_backbone_config, tiny_model
@@ -235,8 +236,8 @@ def test_question_only_predictors_are_linear_and_never_compute_the_diagonal_bloc
     batch = qa_batch("bert", lengths=(70, 52))
     with torch.no_grad():
         output = model(**batch, skim=True, skim_threshold=0.5, output_skim_details=True)
-    (block_probs, question_features), *_ = seen
-    assert block_probs is None and question_features.shape[1] == 2 * heads
+    (block_probs, question_features, token_matches), *_ = seen
+    assert block_probs is None and token_matches is None and question_features.shape[1] == 2 * heads
     # The logits are the linear layer over the normalised masses, and the decision follows them.
     expected = predictor.classifier(predictor.question_norm(question_features))
     judged = output.block_logits[:, 0].abs().sum(dim=-1) > 0
@@ -286,6 +287,62 @@ def test_context_predictors_read_each_blocks_log_ratios_next_to_its_neighbours_a
     # The logits the keep decision follows are the linear layer over the normalised context.
     expected = predictor.classifier(predictor.question_norm(context))
     torch.testing.assert_close(output.block_logits[:, 0][judged], expected)
+
+
+def test_token_matcher_reads_each_question_tokens_best_block_token_and_the_shared_token_ids():
+    torch.manual_seed(0)
+    matcher = TokenMatcher(hidden_size=6, heads=2, rank=3, overlap=1)
+    torch.nn.init.zeros_(matcher.weights.weight)
+    torch.nn.init.zeros_(matcher.weights.bias)  # uniform weights over the question tokens
+    hidden = torch.randn(1, 10, 6)
+    # [CLS] q q [SEP] | passage in blocks of 4: block 1 shares id 7 with the question, block 2 nothing.
+    ids = torch.tensor([[1, 7, 8, 3, 9, 7, 5, 3, 6, 6, 0, 0]])
+    valid = torch.arange(12)[None] < 10
+    question = torch.tensor([[True, True, True, True]])
+    judged = torch.tensor([[False, True, True]])
+    with torch.no_grad():
+        features = matcher(hidden, ids, valid, question, judged)  # (1, 3, 4 * 3)
+        query = matcher.query(hidden[0, :4]).view(4, 2, 3)
+        key = matcher.key(hidden[0]).view(10, 2, 3)
+    values = features[0, :, :3]  # per block: 2 matching heads, 1 overlap share
+    assert values[1, 2] == pytest.approx(2 / 4)  # id 7 and the [SEP] id 3 of the question occur in block 1
+    assert values[2, 2] == pytest.approx(0.0)
+    for head in range(2):
+        scores = query[:, head] @ key[:, head].T / 3**0.5  # (4 question tokens, 10 positions)
+        for block in (1, 2):
+            best = scores[:, block * 4 : min(block * 4 + 4, 10)].amax(dim=1)
+            assert values[block, head].item() == pytest.approx(best.mean().item(), abs=1e-5)
+    # In context: block 1's neighbours are the protected block 0 (zero) and block 2; gaps to the better block.
+    torch.testing.assert_close(features[0, 1, 3:6], torch.zeros(3))
+    torch.testing.assert_close(features[0, 1, 6:9], values[2])
+    torch.testing.assert_close(features[0, 1, 9:], values[1] - values[1:].amax(dim=0))
+
+
+def test_token_matching_predictors_learn_from_the_hidden_states_and_survive_a_save_and_load(tmp_path):
+    kind = PREDICTOR_KINDS["token-matching"]
+    model = tiny_model("bert", num_hidden_layers=4, **kind).train()
+    predictor = model.skim_predictors["1"]
+    heads = model.config.backbone_config.num_attention_heads
+    assert predictor.classifier.in_features == 8 * heads + predictor.token_matcher.num_features
+    batch = qa_batch("bert", lengths=(70, 52, 40))
+    labels = {"start_positions": torch.tensor([40, 30, 20]), "end_positions": torch.tensor([42, 30, 33])}
+    model(**batch, **labels, output_skim_details=True).skim_loss.backward()
+    assert predictor.token_matcher.key.weight.grad.abs().sum() > 0
+    assert predictor.token_matcher.weights.weight.grad.abs().sum() > 0
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = BlockSkimForQuestionAnswering.from_pretrained(tmp_path).eval()
+    assert loaded.config.predictor_token_matching
+    with torch.no_grad():
+        before = model(**batch, skim=True, skim_threshold=0.5, output_skim_details=True)
+        after = loaded(**batch, skim=True, skim_threshold=0.5, output_skim_details=True)
+        # The matches move the decision: without them (zero weights in the classifier) the logits differ.
+        predictor.classifier.weight[:, 8 * heads :] = 0
+        without = model(**batch, skim=True, skim_threshold=0.5, output_skim_details=True)
+    torch.testing.assert_close(after.block_logits, before.block_logits, atol=0, rtol=0)
+    judged = before.block_logits[:, 1].abs().sum(dim=-1) > 0
+    assert judged.sum() > 0
+    assert not torch.allclose(without.block_logits[:, 1][judged], before.block_logits[:, 1][judged])
 
 
 def test_from_backbone_on_a_block_skim_model_keeps_backbone_and_head_and_replaces_the_predictors():

@@ -103,6 +103,14 @@ def test_compact_keeps_blocks_in_original_order_and_masks_fillers():
     assert new.block_protected.tolist() == [[True, False, False], [True, False, False]]
 
 
+def test_compact_moves_the_token_ids_with_their_tokens():
+    state = _state()
+    ids = torch.arange(100, 116).view(2, 8)
+    new = compact(replace(state, input_ids=ids), torch.tensor([[True, False, True, True], [True, False, True, False]]))
+    assert new.input_ids[0].tolist() == [100, 101, 104, 105, 106, 107]
+    assert new.input_ids[1, :4].tolist() == [108, 109, 112, 113]  # the rest are fillers, never compared
+
+
 def test_scatter_to_input_restores_positions_and_fills_skimmed_ones():
     state = _state()
     keep = torch.tensor([[True, False, True, False], [True, True, False, False]])

@@ -26,9 +26,15 @@ PREDICTOR_KINDS = {
         "predictor_diagonal_block": False,
         "predictor_block_context": True,
     },
+    "token-matching": {
+        "predictor_question_features": True,
+        "predictor_diagonal_block": False,
+        "predictor_block_context": True,
+        "predictor_token_matching": True,
+    },
 }
-"""`tiny_model` settings of the predictor kinds: the paper's CNN, CNN + question masses, question masses only, and
-question masses in context."""
+"""`tiny_model` settings of the predictor kinds: the paper's CNN, CNN + question masses, question masses only,
+question masses in context, and those with token matching on the hidden states."""
 
 _BLOCK_PACKAGE = """
 import importlib.abc, sys
