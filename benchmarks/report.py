@@ -37,8 +37,9 @@ def _title(result: dict[str, Any]) -> str:
         "SQuAD v1.1 dev" if result["variant"] == "squad" else f"SQuAD-long ({setup['paragraphs_joined']} paragraphs)"
     )
     subset = f", random subset of {setup['questions']} questions" if setup.get("max_questions") else ""
-    layers = setup.get("skim_layers")
-    skimming = f"; skimming after layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}" if layers else ""
+    layers = setup.get("skim_layers") or []
+    plural = "s" if len(layers) > 1 else ""
+    skimming = f"; skimming after layer{plural} {', '.join(map(str, layers))}" if layers else ""
     return f"{name}, max_seq_length {setup['max_seq_length']}{subset}; {_predictor(result)}{skimming}"
 
 
