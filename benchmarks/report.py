@@ -217,7 +217,9 @@ def layer_sweep_section(stem: str, sweep: dict[str, Any]) -> str:
     """The (predictor layers, tau) sweep of `benchmarks/predictor_layers.py`: accuracy against FLOPs."""
     setup, rows = sweep["setup"], sweep["rows"]
     vanilla = rows["vanilla"]
-    model = _predictor(sweep) if "predictor_diagonal_block" in setup else f"model `{setup['blockskim']}`"
+    # The checkpoint's path tells apart sweeps of two checkpoints whose predictors are of one kind.
+    checkpoint = f"model `{setup['blockskim']}`"
+    model = f"{_predictor(sweep)}, {checkpoint}" if "predictor_diagonal_block" in setup else checkpoint
     lines = [
         f"### Choice of predictor layers and τ, {model} ({setup['max_questions']} seeded dev questions, "
         f"max_seq_length {setup['max_seq_length']}, no timing)",

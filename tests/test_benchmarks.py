@@ -150,10 +150,11 @@ def test_predictor_layer_sweep_scores_every_layer_set_and_threshold(tiny_models,
     )
     assert rows["layers=1 tau=0"]["f1"] == pytest.approx(rows["layers=0,1 tau=0"]["f1"])
     section = _load_script("report").layer_sweep_section("layers", sweep)
-    # The title names the checkpoint's block size: sweeps of one backbone at several block sizes stay apart.
+    # The title names the block size and the checkpoint: sweeps of one backbone at several block sizes, or of two
+    # checkpoints with predictors of one kind, stay apart.
     block_size = BlockSkimConfig.from_pretrained(blockskim).block_size
     assert sweep["setup"]["block_size"] == block_size
-    assert f"blocks of {block_size} tokens" in section.splitlines()[0]
+    assert f"blocks of {block_size} tokens, model `{blockskim}` (" in section.splitlines()[0]
     row = rows["layers=1 tau=1"]
     assert (
         f"| 1 | 1 | {row['exact_match']:.2f} | {row['f1']:.2f} | {row['f1'] - rows['vanilla']['f1']:+.2f} |" in section
