@@ -19,12 +19,16 @@ from pathlib import Path
 
 import torch
 from squad import (
+    THRESHOLDS_HELP,
     flops_per_feature,
+    layer_thresholds,
     load_blockskim,
     load_dev_features,
+    parse_threshold,
     protected_blocks,
     run_pass,
     score,
+    tau_label,
 )
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
@@ -45,7 +49,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-questions", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layer-sets", nargs="+", required=True, help="comma-separated layer indices, e.g. 1,3")
-    parser.add_argument("--thresholds", type=float, nargs="+", required=True)
+    parser.add_argument(
+        "--thresholds",
+        type=parse_threshold,
+        nargs="+",
+        required=True,
+        help=THRESHOLDS_HELP,
+    )
     parser.add_argument("--eval-batch-size", type=int, default=64)
     parser.add_argument("--output", type=Path, required=True)
     return parser.parse_args()
@@ -56,7 +66,10 @@ def main() -> None:
     device = torch.device("cpu")
     tokenizer = AutoTokenizer.from_pretrained(args.blockskim)
     layer_sets = [sorted({int(layer) for layer in spec.split(",")}) for spec in args.layer_sets]
-    models = [load_blockskim(args.blockskim, layers).eval() for layers in layer_sets]  # fails before any pass
+    for layers in layer_sets:  # like the checkpoint's layers below, fails before any pass
+        for tau in args.thresholds:
+            layer_thresholds(layers, tau)
+    models = [load_blockskim(args.blockskim, layers).eval() for layers in layer_sets]
     examples, features, _ = load_dev_features(args, tokenizer)
     metric = load_squad_metric()
     lengths = [len(ids) for ids in features["input_ids"]]
@@ -70,15 +83,16 @@ def main() -> None:
         dynamic = sum(flops_per_feature(config, [[n] * config.num_hidden_layers for n in lengths], False, protected))
         padded = forward_flops(config, [args.max_seq_length] * config.num_hidden_layers, predictors=False)
         for tau in args.thresholds:
-            name = f"layers={','.join(map(str, layers))} tau={tau:g}"
+            threshold = layer_thresholds(layers, tau)
+            name = f"layers={','.join(map(str, layers))} tau={tau_label(tau)}"
             result = run_pass(
-                model, features, args.eval_batch_size, pad, device, {"skim": True, "skim_threshold": tau}, name
+                model, features, args.eval_batch_size, pad, device, {"skim": True, "skim_threshold": threshold}, name
             )
             flops = sum(flops_per_feature(config, result.processed, True, protected))
             rows[name] = {
                 **score(examples, features, result, metric),
                 "skim_layers": layers,
-                "threshold": tau,
+                "threshold": tau if isinstance(tau, float) else list(tau),
                 "flops_speedup_vs_dynamic": dynamic / flops,
                 "flops_speedup_vs_padded": padded * len(lengths) / flops,
             }

@@ -213,6 +213,11 @@ def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
     return [str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path) for path in written]
 
 
+def _tau(threshold: float | list[float]) -> str:
+    """One tau for every predictor layer, or one per layer (in the order of the layer set) joined by " / "."""
+    return " / ".join(f"{tau:g}" for tau in (threshold if isinstance(threshold, list) else [threshold]))
+
+
 def layer_sweep_section(stem: str, sweep: dict[str, Any]) -> str:
     """The (predictor layers, tau) sweep of `benchmarks/predictor_layers.py`: accuracy against FLOPs."""
     setup, rows = sweep["setup"], sweep["rows"]
@@ -229,7 +234,7 @@ def layer_sweep_section(stem: str, sweep: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     table = [
-        f"| {', '.join(map(str, row['skim_layers']))} | {row['threshold']:g} | {row['exact_match']:.2f} | "
+        f"| {', '.join(map(str, row['skim_layers']))} | {_tau(row['threshold'])} | {row['exact_match']:.2f} | "
         f"{row['f1']:.2f} | {row['f1'] - vanilla['f1']:+.2f} | {row['flops_speedup_vs_dynamic']:.2f} | "
         f"{row['flops_speedup_vs_padded']:.2f} |"
         for name, row in rows.items()

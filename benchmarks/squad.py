@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,7 +256,7 @@ def time_rows(
     features: datasets.Dataset,
     indices: Sequence[int],
     batch_size: int,
-    thresholds: Sequence[float],
+    thresholds: Mapping[str, float | dict[int, float]],
     max_seq_length: int,
     pad_id: int,
     device: torch.device,
@@ -275,12 +275,12 @@ def time_rows(
                 "vanilla_padded": lambda padded=padded: vanilla(**padded),
                 "blockskim_no_skim": lambda batch=batch: blockskim(**batch, skim=False),
             }
-            for tau in thresholds:
+            for label, tau in thresholds.items():
                 details = blockskim(**batch, skim=True, skim_threshold=tau, output_skim_details=True)
-                variants[f"blockskim_tau={tau:g}"] = lambda batch=batch, tau=tau: blockskim(
+                variants[f"blockskim_tau={label}"] = lambda batch=batch, tau=tau: blockskim(
                     **batch, skim=True, skim_threshold=tau
                 )
-                variants[f"ideal_truncation_tau={tau:g}"] = ideal_truncation(vanilla, batch, details.kept_token_counts)
+                variants[f"ideal_truncation_tau={label}"] = ideal_truncation(vanilla, batch, details.kept_token_counts)
             times = time_side_by_side(variants, repeats=repeats, warmup=warmup, device=device)
             for name, values in times.items():
                 totals[name] = totals.get(name, 0.0) + median(values)
@@ -292,7 +292,7 @@ def check_flop_counter(
     blockskim: BlockSkimForQuestionAnswering,
     features: datasets.Dataset,
     indices: Sequence[int],
-    thresholds: Sequence[float],
+    thresholds: Mapping[str, float | dict[int, float]],
     protected: Sequence[tuple[int, int]],
     pad_id: int,
     device: torch.device,
@@ -311,19 +311,46 @@ def check_flop_counter(
             plain = forward_flops(config, [n] * config.num_hidden_layers, predictors=False)
             record("vanilla_dynamic", count_flops(lambda batch=batch: vanilla(**batch)), plain)
             record("blockskim_no_skim", count_flops(lambda batch=batch: blockskim(**batch, skim=False)), plain)
-            for tau in thresholds:
+            for label, tau in thresholds.items():
                 details = blockskim(**batch, skim=True, skim_threshold=tau, output_skim_details=True)
                 lengths = processed_lengths(details)[0].tolist()
                 blocks, question = protected[index]
                 analytic = forward_flops(config, lengths, protected_blocks=blocks, question_tokens=question)
                 measured = count_flops(lambda batch=batch, tau=tau: blockskim(**batch, skim=True, skim_threshold=tau))
-                record(f"blockskim_tau={tau:g}", measured, analytic)
+                record(f"blockskim_tau={label}", measured, analytic)
     return worst
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------
+
+
+THRESHOLDS_HELP = (
+    "tau for every predictor layer (0.3), or one per predictor layer, lowest layer first, joined by '/' (0.2/0.6)"
+)
+
+
+def parse_threshold(text: str) -> float | tuple[float, ...]:
+    """`0.3` (one tau for all predictor layers) or `0.2/0.4/0.6` (one per predictor layer, lowest layer first)."""
+    try:
+        values = tuple(float(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--thresholds: {text!r} is not a float or floats joined by '/'") from None
+    return values[0] if len(values) == 1 else values
+
+
+def tau_label(tau: float | tuple[float, ...]) -> str:
+    return "/".join(f"{value:g}" for value in (tau if isinstance(tau, tuple) else (tau,)))
+
+
+def layer_thresholds(layers: list[int], tau: float | tuple[float, ...]) -> float | dict[int, float]:
+    """`skim_threshold` for a model with predictors after `layers`, from one `--thresholds` value."""
+    if isinstance(tau, float):
+        return tau
+    if len(tau) != len(layers):
+        raise SystemExit(f"--thresholds {'/'.join(map(str, tau))} gives {len(tau)} taus for layers {sorted(layers)}")
+    return dict(zip(sorted(layers), tau, strict=True))
 
 
 def parse_args() -> argparse.Namespace:
@@ -349,7 +376,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-seq-length", type=int, default=384)
     parser.add_argument("--doc-stride", type=int, default=128)
     parser.add_argument("--max-questions", type=int, default=None, help="seeded random subset of the questions")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS))
+    parser.add_argument(
+        "--thresholds", type=parse_threshold, nargs="+", default=list(DEFAULT_THRESHOLDS), help=THRESHOLDS_HELP
+    )
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--timing-features", type=int, default=128, help="windows timed (seeded random sample)")
     parser.add_argument("--timing-batch-sizes", type=int, nargs="+", default=None, help="default: 1 16 (CPU), 1 32")
@@ -429,6 +458,7 @@ def main() -> None:
     batch_sizes = args.timing_batch_sizes or ([1, 32] if device.type == "cuda" else [1, 16])
     vanilla, blockskim = load_models(args, device)
     config = blockskim.config
+    thresholds = {tau_label(tau): layer_thresholds(config.skim_layers, tau) for tau in args.thresholds}
     tokenizer = AutoTokenizer.from_pretrained(args.blockskim)
 
     examples, features, report = load_dev_features(args, tokenizer)
@@ -442,7 +472,10 @@ def main() -> None:
     row_calls: dict[str, tuple[torch.nn.Module, dict]] = {
         "vanilla": (vanilla, {}),
         "blockskim_no_skim": (blockskim, {"skim": False}),
-        **{f"blockskim_tau={tau:g}": (blockskim, {"skim": True, "skim_threshold": tau}) for tau in args.thresholds},
+        **{
+            f"blockskim_tau={label}": (blockskim, {"skim": True, "skim_threshold": tau})
+            for label, tau in thresholds.items()
+        },
     }
     passes: dict[str, Pass] = {}
     rows: dict[str, dict[str, Any]] = {}
@@ -489,7 +522,7 @@ def main() -> None:
         blockskim,
         features,
         sample[: args.flop_check_features],
-        args.thresholds,
+        thresholds,
         protected,
         tokenizer.pad_token_id,
         device,
@@ -504,7 +537,7 @@ def main() -> None:
             features,
             sample,
             batch_size,
-            args.thresholds,
+            thresholds,
             args.max_seq_length,
             tokenizer.pad_token_id,
             device,
@@ -559,7 +592,7 @@ def main() -> None:
             "median_window_length": sorted(lengths)[len(lengths) // 2],
             "max_questions": args.max_questions,
             "seed": args.seed,
-            "thresholds": args.thresholds,
+            "thresholds": [tau if isinstance(tau, float) else list(tau) for tau in args.thresholds],
             "block_size": config.block_size,
             "skim_layers": config.skim_layers,
             "predictor_question_features": config.predictor_question_features,

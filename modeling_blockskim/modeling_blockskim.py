@@ -12,7 +12,9 @@ Travels with every checkpoint as remote code: only `from .x import y` imports of
 from __future__ import annotations
 
 import copy
+import numbers
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -108,6 +110,11 @@ class BlockSkimPreTrainedModel(PreTrainedModel):
         if module is getattr(self, "embeddings", None):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
             init.zeros_(module.token_type_ids)
+
+
+def _check_threshold(name: str, tau: object) -> None:
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0.0 <= tau <= 1.0:
+        raise ValueError(f"{name}={tau!r} is out of range: allowed [0.0, 1.0].")
 
 
 class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
@@ -232,7 +239,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         start_positions: torch.LongTensor | None = None,
         end_positions: torch.LongTensor | None = None,
         skim: bool | None = None,
-        skim_threshold: float | None = None,
+        skim_threshold: float | Mapping[int, float] | None = None,
         keep_blocks_override: dict[int, torch.Tensor] | None = None,
         output_skim_details: bool = False,
     ) -> BlockSkimQuestionAnsweringOutput:
@@ -245,7 +252,8 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
                 the QA loss and the skim loss on block labels derived from them.
             skim (`bool`, *optional*): skim this call; defaults to `config.skim_at_inference` in evaluation mode and
                 to `False` in training mode (training never skims).
-            skim_threshold (`float`, *optional*): tau for this call; defaults to `config.skim_threshold`.
+            skim_threshold (`float` or `dict[int, float]`, *optional*): tau for this call, for every predictor layer
+                or, as a mapping from layer index to tau, one per predictor layer; defaults to `config.skim_threshold`.
             keep_blocks_override (`dict[int, torch.BoolTensor]`, *optional*): for a predictor layer index, the
                 blocks to keep, shape `(batch, ceil(length / block_size))` in original block coordinates, instead of
                 the threshold rule (protected blocks are still kept, padding still dropped). For oracle studies,
@@ -254,9 +262,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
                 keep masks and per-layer kept-token counts.
         """
         skim = self._resolve_skim(skim)
-        threshold = self.config.skim_threshold if skim_threshold is None else skim_threshold
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"skim_threshold={threshold!r} is out of range: allowed [0.0, 1.0].")
+        threshold = self._layer_thresholds(self.config.skim_threshold if skim_threshold is None else skim_threshold)
         has_labels = start_positions is not None and end_positions is not None
         run_predictors = len(self.skim_predictors) > 0 and (skim or has_labels or output_skim_details)
         if run_predictors and input_ids is None:
@@ -324,6 +330,28 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             block_keep_mask=torch.stack(trace["kept"], dim=1),
             kept_token_counts=torch.stack(trace["kept_token_counts"], dim=1),
         )
+
+    def _layer_thresholds(self, skim_threshold: float | Mapping[int, float]) -> dict[int, float]:
+        """tau of every predictor layer for this call.
+
+        One tau for all layers is the paper's rule. A mapping sets one per layer: a later predictor judges states that
+        have read more of the question, so it can afford a stricter tau than the first (BENCHMARKS.md, *per-layer τ*).
+        A mapping must name exactly the predictor layers, so a typo in a layer index cannot silently skim with a
+        default.
+        """
+        layers = sorted(int(index) for index in self.skim_predictors)
+        if not isinstance(skim_threshold, Mapping):
+            _check_threshold("skim_threshold", skim_threshold)
+            return dict.fromkeys(layers, float(skim_threshold))
+        given = {int(layer): tau for layer, tau in skim_threshold.items()}
+        if sorted(given) != layers:
+            raise ValueError(
+                f"skim_threshold sets tau for layers {sorted(given)}, but this model has predictors after layers "
+                f"{layers}: give one tau per predictor layer."
+            )
+        for layer, tau in given.items():
+            _check_threshold(f"skim_threshold[{layer}]", tau)
+        return {layer: float(tau) for layer, tau in given.items()}
 
     def _resolve_skim(self, skim: bool | None) -> bool:
         if skim is None:
@@ -406,7 +434,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         state: SkimState,
         num_blocks: int,
         skim: bool,
-        threshold: float,
+        threshold: dict[int, float],
         keep_blocks_override: dict[int, torch.Tensor] | None,
         record: bool = True,
     ) -> tuple[SkimState, dict[str, list[torch.Tensor]]]:
@@ -465,7 +493,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
                 wanted = keep_blocks_override[index].to(device=block_valid.device, dtype=torch.bool)
                 wanted = wanted.gather(1, state.block_ids)  # (B, S)
             else:
-                wanted = logits.float().softmax(dim=-1)[..., 1] >= threshold  # (B, S)
+                wanted = logits.float().softmax(dim=-1)[..., 1] >= threshold[index]  # (B, S)
             keep = keep_decision(wanted, state.block_protected, block_valid)
             if record:
                 trace["kept"].append(to_original_blocks(keep, state.block_ids, num_blocks, False))

@@ -92,12 +92,21 @@ def test_squad_benchmark_writes_every_row_with_exact_flops_and_report_renders(ti
     result = _run_benchmark(
         "squad",
         *("--vanilla", str(vanilla), "--blockskim", str(blockskim), "--dev-file", str(SAMPLE_DEV)),
-        *("--max-questions", "6", "--thresholds", "0.01", "0.5", "--timing-features", "2", "--repeats", "1"),
+        *("--max-questions", "6", "--thresholds", "0.01", "0.5", "0.5/0.3", "--timing-features", "2"),
+        *("--repeats", "1"),
         *("--warmup", "0", "--flop-check-features", "2", "--timing-batch-sizes", "1", "2"),
         *("--output", str(output)),
     )
 
-    assert set(result["rows"]) == {"vanilla", "blockskim_no_skim", "blockskim_tau=0.01", "blockskim_tau=0.5"}
+    # One tau per predictor layer (lowest first) is a row of its own, named by its taus.
+    assert set(result["rows"]) == {
+        "vanilla",
+        "blockskim_no_skim",
+        "blockskim_tau=0.01",
+        "blockskim_tau=0.5",
+        "blockskim_tau=0.5/0.3",
+    }
+    assert result["setup"]["thresholds"] == [0.01, 0.5, [0.5, 0.3]]
     assert result["setup"]["questions"] == 6
     # torch's flop counter agrees with the analytic count on what the models really ran.
     assert max(result["flop_counter_worst_deviation"].values()) < 0.05
@@ -112,6 +121,7 @@ def test_squad_benchmark_writes_every_row_with_exact_flops_and_report_renders(ti
         rows = result["timing"][batch_size]["rows"]
         assert rows["vanilla"]["speedup_vs_dynamic"] == 1.0
         assert "implementation_efficiency" in rows["blockskim_tau=0.5"]
+        assert "implementation_efficiency" in rows["blockskim_tau=0.5/0.3"]
         assert "implementation_efficiency" not in rows["blockskim_no_skim"]
     assert result["environment"]["torch"] == torch.__version__
 
@@ -159,6 +169,34 @@ def test_predictor_layer_sweep_scores_every_layer_set_and_threshold(tiny_models,
     assert (
         f"| 1 | 1 | {row['exact_match']:.2f} | {row['f1']:.2f} | {row['f1'] - rows['vanilla']['f1']:+.2f} |" in section
     )
+
+
+def test_predictor_layer_sweep_takes_one_tau_per_layer_and_reports_it(tiny_models, tmp_path):
+    vanilla, blockskim = tiny_models
+    output = tmp_path / "per_layer.json"
+    sweep = _run_benchmark(
+        "predictor_layers",
+        *("--vanilla", str(vanilla), "--blockskim", str(blockskim), "--dev-file", str(SAMPLE_DEV)),
+        *("--max-questions", "6", "--layer-sets", "0,1", "--thresholds", "1/0", "0/1", "--output", str(output)),
+    )
+    early, late = sweep["rows"]["layers=0,1 tau=1/0"], sweep["rows"]["layers=0,1 tau=0/1"]
+    assert (early["threshold"], late["threshold"]) == ([1.0, 0.0], [0.0, 1.0])
+    # Only protected blocks survive either way; dropping the rest after layer 0 saves more than after layer 1.
+    assert early["flops_speedup_vs_dynamic"] > late["flops_speedup_vs_dynamic"] > 1
+    section = _load_script("report").layer_sweep_section("per_layer", sweep)
+    assert f"| 0, 1 | 1 / 0 | {early['exact_match']:.2f} | {early['f1']:.2f} |" in section
+
+
+def test_predictor_layer_sweep_refuses_a_tau_list_of_the_wrong_length_before_any_pass(tiny_models, tmp_path):
+    vanilla, blockskim = tiny_models
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "predictor_layers.py"),
+        *("--vanilla", str(vanilla), "--blockskim", str(blockskim), "--dev-file", str(tmp_path / "missing.json")),
+        *("--layer-sets", "0,1", "--thresholds", "0.2/0.3/0.4", "--output", str(tmp_path / "x.json")),
+    ]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and "--thresholds 0.2/0.3/0.4 gives 3 taus for layers [0, 1]" in run.stderr
 
 
 def test_squad_benchmark_refuses_predictor_layers_the_checkpoint_lacks(tiny_models, tmp_path):

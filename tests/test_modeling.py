@@ -391,6 +391,43 @@ def test_threshold_one_keeps_only_protected_blocks_and_still_answers(device, dty
     assert (output.end_logits.gather(1, end[:, None]) != SKIMMED_LOGIT).all()
 
 
+def test_a_per_layer_threshold_applies_each_tau_after_its_own_layer():
+    model = tiny_model("bert", num_hidden_layers=4, skim_layers=[0, 2])
+    batch = qa_batch("bert", lengths=(96, 90, 80))
+
+    def kept_counts(threshold):
+        with torch.no_grad():
+            return model(**batch, skim=True, skim_threshold=threshold, output_skim_details=True).kept_token_counts
+
+    keep_all, keep_protected = kept_counts(0.0), kept_counts(1.0)
+    assert (keep_protected[:, 3] < keep_all[:, 3]).all()  # the two rules differ on every row
+    # tau = 0 after layer 0 keeps every block, tau = 1 after layer 2 then keeps only the protected ones.
+    late = kept_counts({0: 0.0, 2: 1.0})
+    assert torch.equal(late[:, :3], keep_all[:, :3]) and torch.equal(late[:, 3], keep_protected[:, 3])
+    # tau = 1 after layer 0 leaves only protected blocks, which no later tau can drop.
+    assert torch.equal(kept_counts({0: 1.0, 2: 0.0}), keep_protected)
+    # One tau given per layer is the same call as that tau for every layer.
+    with torch.no_grad():
+        same = model(**batch, skim=True, skim_threshold={0: 0.5, 2: 0.5}).start_logits
+        uniform = model(**batch, skim=True, skim_threshold=0.5).start_logits
+    torch.testing.assert_close(same, uniform, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("threshold", "message"),
+    [
+        ({0: 0.5}, r"sets tau for layers \[0\], but this model has predictors after layers \[0, 2\]"),
+        ({0: 0.5, 1: 0.5}, r"sets tau for layers \[0, 1\], but this model has predictors after layers \[0, 2\]"),
+        ({0: 0.5, 2: 1.5}, r"skim_threshold\[2\]=1.5 is out of range"),
+        (-0.1, r"skim_threshold=-0.1 is out of range"),
+    ],
+)
+def test_a_bad_threshold_is_refused_naming_the_layer(threshold, message):
+    model = tiny_model("bert", num_hidden_layers=4, skim_layers=[0, 2])
+    with pytest.raises(ValueError, match=message):
+        model(**qa_batch("bert"), skim=True, skim_threshold=threshold)
+
+
 # 5. Real shrinking --------------------------------------------------------------------------------------------------
 
 
