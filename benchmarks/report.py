@@ -304,6 +304,44 @@ def overhead_section(stem: str, profile: dict[str, Any]) -> str:
     return "\n\n".join(lines)
 
 
+def resumed_runs(training: dict[str, Any]) -> list[str]:
+    """The training runs whose `train_results.json` covers only part of their schedule.
+
+    A run resumed from a checkpoint reports the samples/s and runtime of the steps after resuming only, so its
+    throughput is no measure of the run's training cost: fewer samples than `train_samples` x epochs were timed.
+    """
+    return [
+        name
+        for name in ("vanilla", "blockskim")
+        if training[name]["train_samples_per_second"] * training[name]["train_runtime"]
+        < 0.95 * training[name]["train_samples"] * training[name]["epoch"]
+    ]
+
+
+def training_cost_line(training: dict[str, Any]) -> str:
+    """Block-Skim's training throughput against vanilla's, or why this result cannot give it."""
+    resumed = resumed_runs(training)
+    if resumed:
+        return (
+            f"Training cost: not comparable in this result: the {' and '.join(resumed)} run was resumed from a "
+            "checkpoint, so its samples/s cover only the steps after resuming."
+        )
+    line = (
+        "Training cost (both runs side by side, one thread each): Block-Skim "
+        f"{training['blockskim']['train_samples_per_second']:.3f} vs vanilla "
+        f"{training['vanilla']['train_samples_per_second']:.3f} samples/s = "
+        f"{training['blockskim_over_vanilla_samples_per_second']:.3f}× the vanilla throughput."
+    )
+    stage = training.get("predictor_stage")
+    if stage:
+        line += (
+            " The predictor-only stage (run after them; its threads in *Setup*): "
+            f"{stage['train_samples_per_second']:.3f} samples/s, {stage['train_runtime'] / 60:.0f} minutes"
+            f" for {stage['epoch']:.0f} epochs."
+        )
+    return line
+
+
 def render(
     results: list[tuple[str, dict[str, Any]]],
     plot_paths: list[str],
@@ -325,19 +363,7 @@ def render(
             timing_table(result),
         ]
         if training:
-            parts.append(
-                "Training cost (both runs side by side, one thread each): Block-Skim "
-                f"{training['blockskim']['train_samples_per_second']:.3f} vs vanilla "
-                f"{training['vanilla']['train_samples_per_second']:.3f} samples/s = "
-                f"{training['blockskim_over_vanilla_samples_per_second']:.3f}× the vanilla throughput."
-            )
-            stage = training.get("predictor_stage")
-            if stage:
-                parts[-1] += (
-                    " The predictor-only stage (run after them; its threads in *Setup*): "
-                    f"{stage['train_samples_per_second']:.3f} samples/s, {stage['train_runtime'] / 60:.0f} minutes"
-                    f" for {stage['epoch']:.0f} epochs."
-                )
+            parts.append(training_cost_line(training))
         sections.append("\n\n".join(parts))
     sections += [layer_sweep_section(stem, sweep) for stem, sweep in sweeps]
     sections += [probe_section(stem, probe) for stem, probe in probes]

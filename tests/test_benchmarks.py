@@ -140,6 +140,19 @@ def test_squad_benchmark_writes_every_row_with_exact_flops_and_report_renders(ti
     assert (tmp_path / "plots" / "kept_fraction_per_layer.png").stat().st_size > 0
 
 
+def test_training_cost_is_refused_for_a_run_resumed_from_a_checkpoint():
+    report = _load_script("report")
+    whole = {"train_samples": 7068, "epoch": 1.0, "train_runtime": 3540.4, "train_samples_per_second": 1.996}
+    # Resumed at step 300 of 442: samples/s and runtime of the last 142 steps of 16 only.
+    resumed = {"train_samples": 7068, "epoch": 1.0, "train_runtime": 976.8, "train_samples_per_second": 2.325}
+    compared = {"vanilla": whole, "blockskim": dict(whole, train_runtime=4712.0, train_samples_per_second=1.5)}
+    compared["blockskim_over_vanilla_samples_per_second"] = 1.5 / 1.996
+    assert report.training_cost_line(compared).endswith("samples/s = 0.752× the vanilla throughput.")
+    line = report.training_cost_line(dict(compared, blockskim=resumed, blockskim_over_vanilla_samples_per_second=1.16))
+    assert line.startswith("Training cost: not comparable in this result: the blockskim run was resumed")
+    assert "×" not in line
+
+
 def test_predictor_layer_sweep_scores_every_layer_set_and_threshold(tiny_models, tmp_path):
     vanilla, blockskim = tiny_models
     output = tmp_path / "layers.json"
