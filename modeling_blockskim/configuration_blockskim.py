@@ -7,6 +7,8 @@ Implements the hyper-parameters of Guan et al., "Block-Skim: Efficient Question 
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Mapping
 from typing import Literal
 
 from transformers import AutoConfig, PretrainedConfig
@@ -19,6 +21,51 @@ DEFAULT_SEP_TOKEN_IDS: dict[str, int] = {"bert": 102, "electra": 102, "roberta":
 """Separator id of the standard vocabulary of each backbone; `from_backbone` reads the real one from the tokenizer."""
 
 SKIM_LOSS_REDUCTIONS: tuple[str, ...] = ("sum", "mean")
+
+
+def layer_thresholds(skim_threshold: float | Mapping[int, float], skim_layers: list[int]) -> dict[int, float]:
+    """tau of every predictor layer, from one tau for all of them or a mapping with one per layer.
+
+    One tau for all layers is the paper's rule. A mapping sets one per layer: a later predictor judges states that
+    have read more of the question, so it can afford a stricter tau than the first (BENCHMARKS.md, *Per-layer τ*).
+    A mapping must name exactly the predictor layers, so that a typo in a layer index cannot silently skim with a
+    default. Keys may be strings of ints, as a mapping comes back from a `config.json`.
+
+    Raises:
+        `ValueError`: naming the bad entry, for a tau outside [0, 1], a key that is not a layer index, or a mapping
+            whose layers differ from `skim_layers`.
+    """
+    layers = sorted(skim_layers)
+    if not isinstance(skim_threshold, Mapping):
+        return dict.fromkeys(layers, _checked_tau("skim_threshold", skim_threshold))
+    given: dict[int, object] = {}
+    for key, tau in skim_threshold.items():
+        if isinstance(key, bool) or not (isinstance(key, int) or (isinstance(key, str) and key.strip().isdigit())):
+            raise ValueError(f"skim_threshold has the key {key!r}, which is not a layer index.")
+        given[int(key)] = tau
+    if sorted(given) != layers:
+        raise ValueError(
+            f"skim_threshold sets tau for layers {sorted(given)}, but this model has predictors after layers "
+            f"{layers}: give one tau per predictor layer."
+        )
+    return {layer: _checked_tau(f"skim_threshold[{layer}]", given[layer]) for layer in layers}
+
+
+def _checked_tau(name: str, tau: object) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise ValueError(f"{name} must be a float in [0.0, 1.0] or a mapping from layer to tau, got {tau!r}.")
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"{name}={tau!r} is out of range: allowed [0.0, 1.0].")
+    return float(tau)
+
+
+def threshold_label(skim_threshold: float | Mapping[int, float]) -> str:
+    """`0.3`, or `0.2 / 0.4 / 0.6 after layers 1 / 2 / 3` for one tau per layer: for cards, plots and messages."""
+    if not isinstance(skim_threshold, Mapping):
+        return f"{skim_threshold:g}"
+    layers = sorted(skim_threshold, key=int)
+    taus = " / ".join(f"{skim_threshold[layer]:g}" for layer in layers)
+    return f"{taus} after layers {' / '.join(str(layer) for layer in layers)}"
 
 
 class BlockSkimConfig(PretrainedConfig):
@@ -40,9 +87,10 @@ class BlockSkimConfig(PretrainedConfig):
             0-based indices of the layers followed by a skim predictor. Defaults to every layer but the last (a
             decision after the last layer would save nothing, so the last layer is not allowed). An empty list gives
             the plain backbone QA model.
-        skim_threshold (`float`, *optional*, defaults to 0.01):
+        skim_threshold (`float` or `dict[int, float]`, *optional*, defaults to 0.01):
             tau: at inference a passage block is kept when the predictor's P(keep) >= tau. In [0, 1]; 0 keeps
-            everything, 1 skims every block that is not protected ([CLS], question, separators).
+            everything, 1 skims every block that is not protected ([CLS], question, separators). A mapping from
+            predictor layer to tau sets one per layer (it must name exactly `skim_layers`; see `layer_thresholds`).
         balance_factor (`float`, *optional*, defaults to 20.0):
             beta: class weight of the positive ("holds the answer") blocks in the skim loss; the paper uses 20 for
             SQuAD and HotpotQA, 30 for NewsQA and NaturalQuestions, 100 for TriviaQA and 150 for SearchQA. >= 0.
@@ -114,7 +162,7 @@ class BlockSkimConfig(PretrainedConfig):
     backbone_config: dict | PretrainedConfig | None = None
     block_size: int = 32
     skim_layers: list[int] | None = None
-    skim_threshold: float = 0.01
+    skim_threshold: float | dict[int, float] = 0.01
     balance_factor: float = 20.0
     harmony_coefficient: float = 0.1
     skim_loss_reduction: Literal["sum", "mean"] = "sum"
@@ -165,8 +213,10 @@ class BlockSkimConfig(PretrainedConfig):
         if len(set(self.skim_layers)) != len(self.skim_layers):
             raise ValueError(f"skim_layers={list(self.skim_layers)} lists a layer more than once.")
         self.skim_layers = sorted(self.skim_layers)
+        thresholds = layer_thresholds(self.skim_threshold, self.skim_layers)
+        if isinstance(self.skim_threshold, Mapping):
+            self.skim_threshold = thresholds  # int keys again after a round trip through JSON
         for name, value, low, high in (
-            ("skim_threshold", self.skim_threshold, 0.0, 1.0),
             ("balance_factor", self.balance_factor, 0.0, float("inf")),
             ("harmony_coefficient", self.harmony_coefficient, 0.0, float("inf")),
         ):
@@ -219,4 +269,4 @@ class BlockSkimConfig(PretrainedConfig):
         return self.backbone_config.hidden_size
 
 
-__all__ = ["BlockSkimConfig"]
+__all__ = ["BlockSkimConfig", "layer_thresholds", "threshold_label"]

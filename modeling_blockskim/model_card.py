@@ -23,7 +23,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .configuration_blockskim import BlockSkimConfig
+from .configuration_blockskim import BlockSkimConfig, threshold_label
 
 MODEL_CARD_TEMPLATE = "model_card_template.md"
 """File name of the template inside the `modeling_blockskim` package (package data)."""
@@ -262,7 +262,9 @@ def _speedup(
     return None, None
 
 
-def _eval_results(results: dict[str, float], dataset: str | None, split: str, tau: float) -> list[EvalResult]:
+def _eval_results(
+    results: dict[str, float], dataset: str | None, split: str, tau: float | dict[int, float]
+) -> list[EvalResult]:
     eval_results = []
     for key, value in results.items():
         skim = key.startswith("skim_")
@@ -277,11 +279,16 @@ def _eval_results(results: dict[str, float], dataset: str | None, split: str, ta
                 dataset_split=split,
                 metric_type=metric,
                 metric_value=value,
-                metric_name=f"{label} (skimming, tau={tau:g})" if skim else f"{label} (no skimming)",
-                metric_args={"skim": True, "skim_threshold": tau} if skim else {"skim": False},
+                metric_name=f"{label} (skimming, tau={threshold_label(tau)})" if skim else f"{label} (no skimming)",
+                metric_args={"skim": True, "skim_threshold": _yaml_tau(tau)} if skim else {"skim": False},
             )
         )
     return eval_results
+
+
+def _yaml_tau(tau: float | dict[int, float]) -> float | dict[str, float]:
+    """tau for the card's metadata; per-layer keys as strings, as in `config.json`."""
+    return {str(layer): value for layer, value in tau.items()} if isinstance(tau, dict) else tau
 
 
 def _architecture(config: BlockSkimConfig, base_model: str | None) -> str:
@@ -327,7 +334,7 @@ def _hyperparameters(config: BlockSkimConfig, training_args: Any, hyperparameter
     rows = [
         ("block size (tokens)", config.block_size),
         ("skim predictor layers (0-based)", ", ".join(map(str, config.skim_layers)) or "none"),
-        ("skim threshold tau", config.skim_threshold),
+        ("skim threshold tau", threshold_label(config.skim_threshold)),
         ("harmony coefficient alpha (skim-loss weight)", config.harmony_coefficient),
         ("balance factor beta (positive-block weight)", config.balance_factor),
         ("skim-loss reduction over layers", config.skim_loss_reduction),
@@ -362,7 +369,7 @@ def _evaluation(
     results: dict[str, float],
     dataset: str | None,
     split: str,
-    tau: float,
+    tau: float | dict[int, float],
     speedup: float | None,
     speedup_details: str | None,
     ideal_speedup: float | None,
@@ -378,7 +385,8 @@ def _evaluation(
         "| | Exact match | F1 | FLOPs speedup |",
         "|---|---|---|---|",
         f"| without skimming | {cell('exact_match')} | {cell('f1')} | 1x (reference) |",
-        f"| with skimming (tau = {tau:g}) | {cell('skim_exact_match')} | {cell('skim_f1')} | {speedup_cell} |",
+        f"| with skimming (tau = {threshold_label(tau)}) | {cell('skim_exact_match')} | {cell('skim_f1')} | "
+        f"{speedup_cell} |",
         "",
     ]
     if speedup is None:

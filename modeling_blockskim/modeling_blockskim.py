@@ -12,7 +12,6 @@ Travels with every checkpoint as remote code: only `from .x import y` imports of
 from __future__ import annotations
 
 import copy
-import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -26,7 +25,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .attention_blockskim import BLOCKSKIM_ATTENTION, AttentionProbe
-from .configuration_blockskim import BlockSkimConfig
+from .configuration_blockskim import BlockSkimConfig, layer_thresholds
 from .loss_blockskim import question_answering_loss, skim_loss
 from .pipeline_blockskim import BlockSkimQuestionAnsweringPipeline
 from .predictor_blockskim import BlockSkimPredictor
@@ -110,11 +109,6 @@ class BlockSkimPreTrainedModel(PreTrainedModel):
         if module is getattr(self, "embeddings", None):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
             init.zeros_(module.token_type_ids)
-
-
-def _check_threshold(name: str, tau: object) -> None:
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0.0 <= tau <= 1.0:
-        raise ValueError(f"{name}={tau!r} is out of range: allowed [0.0, 1.0].")
 
 
 class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
@@ -332,26 +326,8 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         )
 
     def _layer_thresholds(self, skim_threshold: float | Mapping[int, float]) -> dict[int, float]:
-        """tau of every predictor layer for this call.
-
-        One tau for all layers is the paper's rule. A mapping sets one per layer: a later predictor judges states that
-        have read more of the question, so it can afford a stricter tau than the first (BENCHMARKS.md, *per-layer τ*).
-        A mapping must name exactly the predictor layers, so a typo in a layer index cannot silently skim with a
-        default.
-        """
-        layers = sorted(int(index) for index in self.skim_predictors)
-        if not isinstance(skim_threshold, Mapping):
-            _check_threshold("skim_threshold", skim_threshold)
-            return dict.fromkeys(layers, float(skim_threshold))
-        given = {int(layer): tau for layer, tau in skim_threshold.items()}
-        if sorted(given) != layers:
-            raise ValueError(
-                f"skim_threshold sets tau for layers {sorted(given)}, but this model has predictors after layers "
-                f"{layers}: give one tau per predictor layer."
-            )
-        for layer, tau in given.items():
-            _check_threshold(f"skim_threshold[{layer}]", tau)
-        return {layer: float(tau) for layer, tau in given.items()}
+        """tau of every predictor layer for this call (`configuration_blockskim.layer_thresholds`)."""
+        return layer_thresholds(skim_threshold, [int(index) for index in self.skim_predictors])
 
     def _resolve_skim(self, skim: bool | None) -> bool:
         if skim is None:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers import Pipeline, PreTrainedModel, PreTrainedTokenizerBase
 
+from .configuration_blockskim import layer_thresholds
 from .decoding_blockskim import WindowLogits, decode_answers
 
 DEFAULT_MAX_SEQ_LEN = 384
@@ -122,8 +123,9 @@ class BlockSkimQuestionAnsweringPipeline(Pipeline):
                 `{"answer": "", "start": 0, "end": 0}` (SQuAD v2), ranked by the score of the [CLS] token.
             skim (`bool`, *optional*): drop the blocks the predictors reject (Block-Skim models only). Defaults to the
                 checkpoint's `config.skim_at_inference`.
-            skim_threshold (`float`, *optional*): keep a block when P(keep) >= this value; defaults to
-                `config.skim_threshold` (Block-Skim models only).
+            skim_threshold (`float` or `dict[int, float]`, *optional*): keep a block when P(keep) >= this value, one
+                for all predictor layers or one per layer (`{1: 0.2, 2: 0.5}`); defaults to `config.skim_threshold`
+                (Block-Skim models only).
             return_skim_statistics (`bool`, *optional*, defaults to `False`): add `"skim_statistics"` to every answer:
                 `{"skim": bool, "num_windows": int, "input_tokens": int, "kept_tokens_per_layer": list[int]}`, the
                 real (non-padding) tokens of all the question's windows and how many of them each layer processed
@@ -153,7 +155,7 @@ class BlockSkimQuestionAnsweringPipeline(Pipeline):
         doc_stride: int | None = None,
         handle_impossible_answer: bool | None = None,
         skim: bool | None = None,
-        skim_threshold: float | None = None,
+        skim_threshold: float | Mapping[int, float] | None = None,
         return_skim_statistics: bool | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """Validate the call parameters once, before any work, and route them to preprocess, forward, postprocess."""
@@ -193,11 +195,8 @@ class BlockSkimQuestionAnsweringPipeline(Pipeline):
         if skim is not None:
             forward_params["skim"] = _check_bool("skim", skim)
         if skim_threshold is not None:
-            if isinstance(skim_threshold, bool) or not isinstance(skim_threshold, (int, float)):
-                raise ValueError(f"skim_threshold must be a float in [0, 1], got {skim_threshold!r}.")
-            if not 0.0 <= skim_threshold <= 1.0:
-                raise ValueError(f"skim_threshold={skim_threshold!r} is out of range: allowed [0.0, 1.0].")
-            forward_params["skim_threshold"] = float(skim_threshold)
+            taus = layer_thresholds(skim_threshold, list(self.model.config.skim_layers))
+            forward_params["skim_threshold"] = taus if isinstance(skim_threshold, Mapping) else float(skim_threshold)
         if return_skim_statistics is not None:
             forward_params["return_skim_statistics"] = _check_bool("return_skim_statistics", return_skim_statistics)
             postprocess_params["return_skim_statistics"] = return_skim_statistics
@@ -273,7 +272,7 @@ class BlockSkimQuestionAnsweringPipeline(Pipeline):
         self,
         model_inputs: dict[str, torch.Tensor],
         skim: bool | None = None,
-        skim_threshold: float | None = None,
+        skim_threshold: float | dict[int, float] | None = None,
         return_skim_statistics: bool = False,
     ) -> dict[str, Any]:
         """One forward pass over the windows of one or more questions.

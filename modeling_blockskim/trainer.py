@@ -20,7 +20,7 @@ import contextlib
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from transformers import EvalPrediction, Trainer
 from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PredictionOutput, speed_metrics
 
+from .configuration_blockskim import layer_thresholds
 from .flops import forward_flops
 from .model_card import write_model_card
 from .skimming_blockskim import IGNORE_INDEX, any_per_block, protected_token_mask
@@ -57,8 +58,8 @@ class BlockSkimTrainer(Trainer):
         harmony_coefficient, balance_factor (`float`, *optional*): alpha and beta for this run; default to the
             model config's values.
         skim_loss_reduction (`"sum"` or `"mean"`, *optional*): how layer terms combine; defaults to the config's.
-        skim_threshold (`float`, *optional*): tau used for skimming evaluation and predictor recall; defaults to
-            the config's.
+        skim_threshold (`float` or `dict[int, float]`, *optional*): tau used for skimming evaluation and predictor
+            recall, one for all predictor layers or one per layer; defaults to the config's.
         skim_predictor_learning_rate (`float`, *optional*): peak learning rate of the (randomly initialised) skim
             predictors, which may learn faster than the pretrained backbone tolerates; follows the same schedule.
             Defaults to `args.learning_rate`.
@@ -80,7 +81,7 @@ class BlockSkimTrainer(Trainer):
         harmony_coefficient: float | None = None,
         balance_factor: float | None = None,
         skim_loss_reduction: str | None = None,
-        skim_threshold: float | None = None,
+        skim_threshold: float | Mapping[int, float] | None = None,
         skim_predictor_learning_rate: float | None = None,
         train_predictors_only: bool = False,
         **kwargs,
@@ -338,7 +339,9 @@ class BlockSkimTrainer(Trainer):
             stats["baseline_flops"] += forward_flops(config, [row[0]] * layers, predictors=False)
         if outputs.block_labels is None:
             return
-        keep = outputs.block_logits.float().softmax(dim=-1)[..., 1] >= config.skim_threshold  # (B, P, K)
+        taus = layer_thresholds(config.skim_threshold, config.skim_layers)
+        tau = outputs.block_logits.new_tensor([taus[layer] for layer in sorted(taus)], dtype=torch.float32)  # (P,)
+        keep = outputs.block_logits.float().softmax(dim=-1)[..., 1] >= tau[None, :, None]  # (B, P, K)
         labels = outputs.block_labels[:, None, :].expand_as(keep)  # (B, P, K)
         labelled = labels != IGNORE_INDEX
         positive = labels == 1

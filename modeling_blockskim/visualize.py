@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .configuration_blockskim import layer_thresholds, threshold_label
 from .decoding_blockskim import WindowLogits, decode_answers
 from .flops import forward_flops, ideal_speedup
 from .skimming_blockskim import any_per_block, protected_token_mask
@@ -89,7 +90,8 @@ class SkimDecisions:
         protected_blocks (`torch.BoolTensor` of shape `(blocks,)`): blocks holding [CLS], question or separator
             tokens, which the model always keeps.
         kept_token_counts (`list[int]`): tokens each layer processed (`num_hidden_layers` entries).
-        skim_threshold (`float`): tau used for the decisions.
+        skim_threshold (`float` or `dict[int, float]`): tau used for the decisions, one for all predictor layers or
+            one per layer.
         overridden_layers (`list[int]`): predictor layers whose decision came from `keep_blocks_override`.
         predicted_answer (`str`, *optional*): the model's answer, decoded as the question-answering pipeline does;
             `None` when every context block was skimmed.
@@ -115,7 +117,7 @@ class SkimDecisions:
     keep_probabilities: torch.Tensor
     protected_blocks: torch.Tensor
     kept_token_counts: list[int]
-    skim_threshold: float
+    skim_threshold: float | dict[int, float]
     overridden_layers: list[int] = field(default_factory=list)
     predicted_answer: str | None = None
     predicted_answer_tokens: tuple[int, int] | None = None
@@ -134,6 +136,10 @@ class SkimDecisions:
     def flops_saving(self) -> float:
         """Fraction of the plain backbone's FLOPs that skimming saved on this window (negative if it cost more)."""
         return 1.0 - self.flops / self.full_flops
+
+    def layer_threshold(self, layer: int) -> float:
+        """tau of the decision after predictor layer `layer`."""
+        return layer_thresholds(self.skim_threshold, self.skim_layers)[layer]
 
     def block_states(self) -> torch.Tensor:
         """`(predictor_layers, blocks)` state codes (`SKIMMED_EARLIER`, `SKIMMED`, `KEPT`, `PROTECTED`).
@@ -176,7 +182,7 @@ def collect_skim_decisions(
     context: str,
     answer: str | None = None,
     answer_start: int | None = None,
-    skim_threshold: float | None = None,
+    skim_threshold: float | dict[int, float] | None = None,
     max_seq_len: int | None = None,
     keep_blocks_override: dict[int, torch.Tensor] | None = None,
     max_answer_len: int = 15,
@@ -194,7 +200,8 @@ def collect_skim_decisions(
         question (`str`), context (`str`): the example.
         answer (`str`, *optional*): the gold answer, highlighted next to the prediction; must occur in the context.
         answer_start (`int`, *optional*): its character offset, when the answer text occurs more than once.
-        skim_threshold (`float`, *optional*): tau for this call; defaults to `model.config.skim_threshold`.
+        skim_threshold (`float` or `dict[int, float]`, *optional*): tau for this call, one for all predictor layers
+            or one per layer; defaults to `model.config.skim_threshold`.
         max_seq_len (`int`, *optional*): window length in tokens, question and special tokens included. Defaults to
             384, or the tokenizer's or the model's maximum when smaller; more than the model's position embeddings
             raises.
@@ -320,7 +327,7 @@ def collect_skim_decisions(
         keep_probabilities=keep_probabilities,
         protected_blocks=protected_blocks,
         kept_token_counts=counts,
-        skim_threshold=float(config.skim_threshold if skim_threshold is None else skim_threshold),
+        skim_threshold=_call_threshold(config, skim_threshold),
         overridden_layers=sorted(set(keep_blocks_override or {}) & set(config.skim_layers)),
         predicted_answer=predicted_answer,
         predicted_answer_tokens=predicted_tokens,
@@ -331,6 +338,13 @@ def collect_skim_decisions(
         flops=forward_flops(config, counts, predictors=True, protected_blocks=int(protected_blocks.sum())),
         full_flops=forward_flops(config, [length] * len(counts), predictors=False),
     )
+
+
+def _call_threshold(config, skim_threshold: float | dict[int, float] | None) -> float | dict[int, float]:
+    """The tau a call used, as given (one float, or one per layer with int keys), after the model accepted it."""
+    value = config.skim_threshold if skim_threshold is None else skim_threshold
+    taus = layer_thresholds(value, list(config.skim_layers))
+    return taus if isinstance(value, dict) else float(value)
 
 
 def _check_model(model: PreTrainedModel) -> None:
@@ -527,7 +541,7 @@ def _cell_title(decisions: SkimDecisions, row: int, block: int, state: int) -> s
     if layer in decisions.overridden_layers:
         return f"{where}: P(keep)={probability:.4f}; {verdict} by keep_blocks_override"
     relation = ">=" if state == KEPT else "<"
-    return f"{where}: P(keep)={probability:.4f} {relation} tau={decisions.skim_threshold:g}, {verdict}"
+    return f"{where}: P(keep)={probability:.4f} {relation} tau={decisions.layer_threshold(layer):g}, {verdict}"
 
 
 def _grid_html(decisions: SkimDecisions, states: torch.Tensor, pred_blocks: set[int], gold_blocks: set[int]) -> str:
@@ -596,7 +610,7 @@ def _text_html(decisions: SkimDecisions, states: torch.Tensor) -> str:
 def _summary_html(decisions: SkimDecisions) -> str:
     window = decisions.kept_token_counts[0]
     rows = [
-        ("skim threshold (tau)", f"{decisions.skim_threshold:g}"),
+        ("skim threshold (tau)", threshold_label(decisions.skim_threshold)),
         ("block size", f"{decisions.block_size} tokens"),
         ("window", f"{window} tokens, {decisions.num_blocks} blocks"),
         (
@@ -690,7 +704,7 @@ def render_png(
     axes.set_yticks(range(layers), [f"after layer {layer}" for layer in decisions.skim_layers])
     axes.set_xlabel(f"block ({decisions.block_size} tokens each); ★ predicted answer, ◆ gold answer")
     question = decisions.question if len(decisions.question) <= 90 else decisions.question[:89] + "…"
-    rule = f"tau={decisions.skim_threshold:g}"
+    rule = f"tau={threshold_label(decisions.skim_threshold)}"
     if decisions.overridden_layers:
         rule += f" (keep_blocks_override after layers {decisions.overridden_layers})"
     axes.set_title(f"{question}\n{rule}, {100 * decisions.flops_saving:.0f}% FLOPs saved")
@@ -715,7 +729,7 @@ def visualize_skimming(
     png_path: str | os.PathLike | None = None,
     answer: str | None = None,
     answer_start: int | None = None,
-    skim_threshold: float | None = None,
+    skim_threshold: float | dict[int, float] | None = None,
     max_seq_len: int | None = None,
     keep_blocks_override: dict[int, torch.Tensor] | None = None,
 ) -> SkimDecisions:
@@ -839,7 +853,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = " and ".join(path for path in (args.html, args.png) if path is not None)
     print(f"wrote {written}")
     print(f"predicted answer: {decisions.predicted_answer!r}")
-    print(f"tokens per layer: {decisions.kept_token_counts} (tau={decisions.skim_threshold:g})")
+    print(f"tokens per layer: {decisions.kept_token_counts} (tau={threshold_label(decisions.skim_threshold)})")
     print(
         f"FLOPs saved: {100 * decisions.flops_saving:.1f}%" + (" (context truncated)" if decisions.truncated else "")
     )

@@ -1,5 +1,7 @@
 """BlockSkimConfig: defaults, serialisation, and validation errors that name the bad field."""
 
+import json
+
 import pytest
 from transformers import AutoConfig, BertConfig, GPT2Config
 
@@ -37,6 +39,30 @@ def test_round_trip_through_json_keeps_backbone_and_skim_settings(tmp_path):
     assert loaded.backbone_config.hidden_size == 64
     assert loaded.skim_layers == [0, 2]
     assert (loaded.block_size, loaded.skim_threshold, loaded.balance_factor) == (16, 0.05, 30.0)
+
+
+def test_a_per_layer_threshold_survives_json_with_int_layer_keys(tmp_path):
+    backbone = BertConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4)
+    BlockSkimConfig(backbone_config=backbone, skim_layers=[0, 2], skim_threshold={2: 0.6, 0: 0.2}).save_pretrained(
+        tmp_path
+    )
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["skim_threshold"] == {"0": 0.2, "2": 0.6}  # JSON object keys are strings
+    assert AutoConfig.from_pretrained(tmp_path).skim_threshold == {0: 0.2, 2: 0.6}
+
+
+@pytest.mark.parametrize(
+    ("threshold", "message"),
+    [
+        ({0: 0.2}, r"sets tau for layers \[0\], but this model has predictors after layers \[0, 2\]"),
+        ({0: 0.2, 2: 1.5}, r"skim_threshold\[2\]=1.5 is out of range"),
+        ({"first": 0.2, 2: 0.5}, r"skim_threshold has the key 'first', which is not a layer index"),
+        ({0: "0.2", 2: 0.5}, r"skim_threshold\[0\] must be a float in \[0.0, 1.0\]"),
+    ],
+)
+def test_a_bad_per_layer_threshold_is_refused_naming_the_entry(threshold, message):
+    with pytest.raises(ValueError, match=message):
+        BlockSkimConfig(backbone_config=BertConfig(num_hidden_layers=4), skim_layers=[0, 2], skim_threshold=threshold)
 
 
 def test_backbone_config_may_be_a_dict_with_model_type():

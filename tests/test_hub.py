@@ -615,6 +615,18 @@ def test_filled_card_has_the_hub_metadata_and_the_numbers_passed_in(model, tmp_p
     assert "@inproceedings{guan2022blockskim" in text
 
 
+def test_card_of_a_per_layer_threshold_names_each_layers_tau(tokenizer, tmp_path):
+    backbone = tiny_backbone_config("bert", num_hidden_layers=3, vocab_size=tokenizer.vocab_size)
+    config = BlockSkimConfig(backbone_config=backbone, block_size=32, skim_threshold={0: 0.2, 1: 0.5})
+    model = BlockSkimForQuestionAnswering(config).eval()
+    path = write_model_card(tmp_path, model=model, metrics=METRICS, dataset_name="rajpurkar/squad")
+    card = ModelCard.load(path, ignore_metadata_errors=False)
+    skimmed = [result for result in card.data.eval_results if result.metric_args["skim"]]
+    assert [result.metric_args["skim_threshold"] for result in skimmed] == [{"0": 0.2, "1": 0.5}] * 2
+    assert "| skim threshold tau | 0.2 / 0.5 after layers 0 / 1 |" in card.text
+    assert "| with skimming (tau = 0.2 / 0.5 after layers 0 / 1) | 79.87 | 87.66 |" in card.text
+
+
 def test_card_says_not_measured_instead_of_inventing_numbers(model, tmp_path):
     card = ModelCard.load(write_model_card(tmp_path, model=model), ignore_metadata_errors=False)
     assert card.data.eval_results is None

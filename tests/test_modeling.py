@@ -413,6 +413,22 @@ def test_a_per_layer_threshold_applies_each_tau_after_its_own_layer():
     torch.testing.assert_close(same, uniform, atol=0, rtol=0)
 
 
+def test_a_per_layer_threshold_in_the_config_is_the_default_of_every_call(tmp_path):
+    taus = {0: 0.0, 2: 1.0}
+    model = tiny_model("bert", num_hidden_layers=4, skim_layers=[0, 2], skim_threshold=taus)
+    batch = qa_batch("bert", lengths=(96, 90, 80))
+    model.save_pretrained(tmp_path)
+    loaded = BlockSkimForQuestionAnswering.from_pretrained(tmp_path).eval()
+    assert loaded.config.skim_threshold == taus
+    with torch.no_grad():
+        given = model(**batch, skim=True, skim_threshold=taus, output_skim_details=True).kept_token_counts
+        default = loaded(**batch, skim=True, output_skim_details=True).kept_token_counts
+        keep_protected = model(**batch, skim=True, skim_threshold=1.0, output_skim_details=True).kept_token_counts
+    assert torch.equal(default, given)
+    assert (default[:, 2] > keep_protected[:, 2]).all()  # tau = 0 after layer 0 kept every block
+    assert torch.equal(default[:, 3], keep_protected[:, 3])  # tau = 1 after layer 2 kept only the protected ones
+
+
 @pytest.mark.parametrize(
     ("threshold", "message"),
     [

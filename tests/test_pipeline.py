@@ -282,6 +282,19 @@ def test_skimming_follows_the_config_by_default_and_each_call_can_switch_it(qa):
     assert "skim_statistics" not in qa(question)
 
 
+def test_a_per_layer_threshold_skims_as_the_models_forward_with_the_same_taus(qa, model, tokenizer):
+    question = {"question": QUESTION, "context": CONTEXT}
+    taus = {0: 0.0, 1: SKIM_EVERYTHING_UNPROTECTED}  # keep everything after layer 0, only the protected after layer 1
+    answer = qa(question, top_k=3, skim_threshold=taus, return_skim_statistics=True)
+    counts = answer[0]["skim_statistics"]["kept_tokens_per_layer"]
+    tokens = answer[0]["skim_statistics"]["input_tokens"]
+    assert counts[:2] == [tokens, tokens] and counts[2] < tokens
+    expected = brute_force_spans(model, tokenizer, QUESTION, CONTEXT, skim=True, skim_threshold=taus)[:3]
+    for got, (score, start, end) in zip(answer, expected, strict=True):
+        assert (got["start"], got["end"]) == (start, end)
+        assert got["score"] == pytest.approx(score, rel=1e-5)
+
+
 def test_skimmed_answers_lie_in_the_kept_blocks(qa, tokenizer):
     encoded = tokenizer(QUESTION, CONTEXT, return_offsets_mapping=True)
     first_context = encoded.sequence_ids().index(1)
@@ -400,6 +413,10 @@ def test_plain_question_answering_model_works_without_the_skim_options(model, to
         ({"question": QUESTION, "context": CONTEXT, "max_seq_len": 1024}, "exceeds the model's 512 position"),
         ({"question": QUESTION, "context": CONTEXT, "max_seq_len": 64, "doc_stride": 60}, "doc_stride=60 must be"),
         ({"question": QUESTION, "context": CONTEXT, "skim_threshold": 2.0}, "skim_threshold=2.0 is out of range"),
+        (
+            {"question": QUESTION, "context": CONTEXT, "skim_threshold": {0: 0.5}},
+            r"sets tau for layers \[0\], but this model has predictors after layers \[0, 1\]",
+        ),
         ({"question": QUESTION, "context": CONTEXT, "skim": "yes"}, "skim must be True or False"),
         ({"inputs": [{"question": QUESTION, "context": CONTEXT}], "batch_size": 0}, "batch_size must be an int"),
     ],

@@ -226,3 +226,12 @@ def test_evaluation_reports_both_passes_predictor_quality_and_kept_fractions_at_
     assert drop_all["eval_skim_flops_speedup"] > 1.5
     assert drop_all["eval_skim_answer_block_recall"] == 0.0
     assert drop_all["eval_exact_match"] == keep_all["eval_exact_match"]  # the unskimmed pass does not depend on tau
+
+    # One tau per layer: layer 0 keeps every block (tau = 0), layer 1 none it judges (tau = 1).
+    per_layer = _evaluate(tmp_path, model, features, skim_threshold={0: 0.0, 1: 1.0})
+    assert per_layer["eval_predictor_recall_layer_0"] == 1.0
+    assert per_layer["eval_predictor_accuracy_layer_0"] == pytest.approx(positive / labelled)
+    assert per_layer["eval_predictor_recall_layer_1"] == 0.0
+    assert per_layer["eval_predictor_accuracy_layer_1"] == pytest.approx(1 - positive / labelled)
+    kept = [per_layer[f"eval_skim_kept_fraction_layer_{i}"] for i in range(3)]
+    assert kept == [1.0, 1.0, pytest.approx(16 / 40)]

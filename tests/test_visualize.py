@@ -267,6 +267,24 @@ def test_hover_titles_give_the_predictors_keep_probabilities(threshold_run, mixe
     assert torch.equal(keep_probabilities[judged], probabilities[judged])
 
 
+def test_a_per_layer_threshold_is_shown_with_each_layers_own_tau(model, tokenizer, example, mixed_threshold):
+    taus = {0: mixed_threshold, 1: 0.0}  # layer 0 splits the passage, layer 1 keeps whatever is left
+    decisions = collect_skim_decisions(model, tokenizer, example["question"], example["context"], skim_threshold=taus)
+    _, outputs = model_outputs(model, tokenizer, example, skim_threshold=taus)
+    page = render_html(decisions)
+    cells = parse(page).cells
+
+    assert decisions.skim_threshold == taus
+    assert torch.equal(shown_keep_mask(parse(page), [0, 1], 6), outputs.block_keep_mask[0])
+    layer_0 = {cells[(0, block)]["state"] for block in range(6)}
+    layer_1 = {cells[(1, block)]["state"] for block in range(6)}
+    assert {"kept", "skimmed"} <= layer_0 and "skimmed" not in layer_1
+    for (layer, _), cell in cells.items():
+        if cell["state"] in ("kept", "skimmed"):
+            assert f"tau={taus[layer]:g}," in cell["title"]
+    assert f"{mixed_threshold:g} / 0 after layers 0 / 1" in page
+
+
 def test_png_grid_equals_the_models_keep_mask_and_has_the_requested_size(override_run, tmp_path):
     grid = render_png(override_run.decisions, tmp_path / "skim.png", figsize=(8.0, 3.0), dpi=50)
 
