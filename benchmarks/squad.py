@@ -41,6 +41,7 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from modeling_blockskim import BlockSkimConfig, BlockSkimForQuestionAnswering
 from modeling_blockskim.benchmarking import atomic_write_json, environment, median, time_side_by_side
+from modeling_blockskim.configuration_blockskim import parse_thresholds, thresholds_for_layers
 from modeling_blockskim.data import load_qa_dataset, postprocess_qa_predictions, prepare_eval_features
 from modeling_blockskim.flops import count_flops, forward_flops, ideal_speedup
 from modeling_blockskim.metrics import load_squad_metric
@@ -334,10 +335,9 @@ THRESHOLDS_HELP = (
 def parse_threshold(text: str) -> float | tuple[float, ...]:
     """`0.3` (one tau for all predictor layers) or `0.2/0.4/0.6` (one per predictor layer, lowest layer first)."""
     try:
-        values = tuple(float(part) for part in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--thresholds: {text!r} is not a float or floats joined by '/'") from None
-    return values[0] if len(values) == 1 else values
+        return parse_thresholds(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--thresholds: {error}") from None
 
 
 def tau_label(tau: float | tuple[float, ...]) -> str:
@@ -346,11 +346,10 @@ def tau_label(tau: float | tuple[float, ...]) -> str:
 
 def layer_thresholds(layers: list[int], tau: float | tuple[float, ...]) -> float | dict[int, float]:
     """`skim_threshold` for a model with predictors after `layers`, from one `--thresholds` value."""
-    if isinstance(tau, float):
-        return tau
-    if len(tau) != len(layers):
-        raise SystemExit(f"--thresholds {'/'.join(map(str, tau))} gives {len(tau)} taus for layers {sorted(layers)}")
-    return dict(zip(sorted(layers), tau, strict=True))
+    try:
+        return thresholds_for_layers(tau, layers)
+    except ValueError as error:
+        raise SystemExit(f"--thresholds {error}") from None
 
 
 def parse_args() -> argparse.Namespace:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_blockskim import BlockSkimForQuestionAnswering
+from modeling_blockskim.configuration_blockskim import parse_thresholds, thresholds_for_layers
 from modeling_blockskim.data import (
     load_qa_dataset_dict,
     postprocess_qa_predictions,
@@ -128,9 +130,13 @@ class BlockSkimArguments:
     harmony_coefficient: float = field(default=0.1, metadata={"help": "alpha: weight of the skim loss."})
     balance_factor: float = field(default=20.0, metadata={"help": "beta: weight of answer-holding blocks."})
     skim_loss_reduction: str = field(default="sum", metadata={"help": "'sum' (paper) or 'mean' over layers."})
-    skim_threshold: float | None = field(
+    skim_threshold: str | None = field(
         default=None,
-        metadata={"help": "tau: keep a block when P(keep) >= tau (default: 0.01, or a saved checkpoint's own)."},
+        metadata={
+            "help": "tau: keep a block when P(keep) >= tau, one for all predictor layers (0.3) or one per predictor "
+            'layer, lowest first (0.2/0.4/0.6; in a JSON recipe also a mapping {"1": 0.2, ...}) (default: 0.01, '
+            "or a saved checkpoint's own)."
+        },
     )
     skim_predictor_learning_rate: float | None = field(
         default=None, metadata={"help": "Peak learning rate of the new skim predictors (default: --learning_rate)."}
@@ -249,7 +255,6 @@ def load_model(model_args: ModelArguments, skim_args: BlockSkimArguments):
             harmony_coefficient=skim_args.harmony_coefficient,
             balance_factor=skim_args.balance_factor,
             skim_loss_reduction=skim_args.skim_loss_reduction,
-            skim_threshold=0.01 if skim_args.skim_threshold is None else skim_args.skim_threshold,
             predictor_question_features=skim_args.predictor_question_features,
             predictor_diagonal_block=skim_args.predictor_diagonal_block,
             predictor_block_context=skim_args.predictor_block_context,
@@ -259,6 +264,21 @@ def load_model(model_args: ModelArguments, skim_args: BlockSkimArguments):
     return AutoModelForQuestionAnswering.from_pretrained(
         path, trust_remote_code=model_args.trust_remote_code, **hub_kwargs
     )
+
+
+def resolve_skim_threshold(value: str | float | list | dict | None, model) -> float | dict[int, float] | None:
+    """`--skim_threshold` as `config.skim_threshold` of `model`: `0.2/0.4/0.6` (or a list in a JSON recipe) becomes
+    `{layer: tau}` over the model's predictor layers, lowest first; a float or a mapping passes on, and the trainer
+    checks it against those layers. None for a model without predictors, which does not skim."""
+    skim_layers = getattr(model.config, "skim_layers", None)
+    if value is None or not skim_layers:
+        return None
+    try:
+        if isinstance(value, str):
+            value = parse_thresholds(value)
+        return thresholds_for_layers(value, skim_layers) if not isinstance(value, Mapping) else value
+    except ValueError as error:
+        raise ValueError(f"--skim_threshold: {error}") from None
 
 
 def select(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
@@ -377,7 +397,7 @@ def main() -> dict[str, float]:
         post_process_function=post_process,
         compute_metrics=compute_metrics,
         skim_predictor_learning_rate=skim_args.skim_predictor_learning_rate,
-        skim_threshold=skim_args.skim_threshold,
+        skim_threshold=resolve_skim_threshold(skim_args.skim_threshold, model),
         train_predictors_only=skim_args.train_predictors_only,
     )
 

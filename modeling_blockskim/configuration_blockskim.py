@@ -8,7 +8,7 @@ Implements the hyper-parameters of Guan et al., "Block-Skim: Efficient Question 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from transformers import AutoConfig, PretrainedConfig
@@ -49,6 +49,36 @@ def layer_thresholds(skim_threshold: float | Mapping[int, float], skim_layers: l
             f"{layers}: give one tau per predictor layer."
         )
     return {layer: _checked_tau(f"skim_threshold[{layer}]", given[layer]) for layer in layers}
+
+
+def parse_thresholds(text: str) -> float | tuple[float, ...]:
+    """The command-line form of `skim_threshold`: `0.3` (one tau for all predictor layers) or `0.2/0.4/0.6` (one per
+    predictor layer, lowest layer first), which needs no quoting in a shell, unlike a mapping.
+
+    Raises:
+        `ValueError`: naming the text, when a part is not a float.
+    """
+    try:
+        values = tuple(float(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a float or floats joined by '/' (one tau per predictor layer)") from None
+    return values[0] if len(values) == 1 else values
+
+
+def thresholds_for_layers(tau: float | Sequence[float], skim_layers: list[int]) -> float | dict[int, float]:
+    """`skim_threshold` for a model with predictors after `skim_layers`, from `parse_thresholds`' result: one float
+    stays one float, a sequence becomes the mapping `{layer: tau}`, lowest layer first.
+
+    Raises:
+        `ValueError`: when the sequence does not give exactly one tau per predictor layer.
+    """
+    if isinstance(tau, numbers.Real):
+        return float(tau)
+    layers = sorted(skim_layers)
+    if len(tau) != len(layers):
+        taus = "/".join(f"{value:g}" for value in tau)
+        raise ValueError(f"{taus} gives {len(tau)} taus for layers {layers}: give one per predictor layer.")
+    return dict(zip(layers, (float(value) for value in tau), strict=True))
 
 
 def _checked_tau(name: str, tau: object) -> float:

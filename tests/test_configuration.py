@@ -6,6 +6,7 @@ import pytest
 from transformers import AutoConfig, BertConfig, GPT2Config
 
 from modeling_blockskim import BlockSkimConfig
+from modeling_blockskim.configuration_blockskim import parse_thresholds, thresholds_for_layers
 
 
 def test_defaults_follow_the_paper_and_skip_the_last_layer():
@@ -63,6 +64,17 @@ def test_a_per_layer_threshold_survives_json_with_int_layer_keys(tmp_path):
 def test_a_bad_per_layer_threshold_is_refused_naming_the_entry(threshold, message):
     with pytest.raises(ValueError, match=message):
         BlockSkimConfig(backbone_config=BertConfig(num_hidden_layers=4), skim_layers=[0, 2], skim_threshold=threshold)
+
+
+def test_the_command_line_form_of_a_threshold_gives_one_tau_per_layer_lowest_first():
+    assert parse_thresholds("0.3") == 0.3
+    assert parse_thresholds("0.2/0.4/0.6") == (0.2, 0.4, 0.6)
+    assert thresholds_for_layers(0.3, [2, 0]) == 0.3
+    assert thresholds_for_layers((0.2, 0.6), [2, 0]) == {0: 0.2, 2: 0.6}
+    with pytest.raises(ValueError, match=r"0.2/0.4/0.6 gives 3 taus for layers \[0, 2\]"):
+        thresholds_for_layers((0.2, 0.4, 0.6), [0, 2])
+    with pytest.raises(ValueError, match="'0.2,0.4' is not a float or floats joined by '/'"):
+        parse_thresholds("0.2,0.4")
 
 
 def test_backbone_config_may_be_a_dict_with_model_type():

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -235,3 +236,21 @@ def test_bad_training_file_fails_with_the_file_and_record_named(tmp_path):
                    "--output_dir", str(tmp_path / "out"), "--report_to", "none"], tmp_path)  # fmt: skip
     assert result.returncode != 0
     assert str(bad) in result.stderr and "q1" in result.stderr
+
+
+def test_skim_threshold_flag_takes_one_tau_per_predictor_layer_lowest_first(monkeypatch, tmp_path):
+    run_qa = _load_run_qa()
+    monkeypatch.setattr(sys, "argv", ["run_qa.py", "--model_name_or_path", "minilm", "--output_dir", str(tmp_path),
+                                      "--skim_threshold", "0.2/0.4/0.6"])  # fmt: skip
+    skim_args = run_qa.parse_arguments()[2]
+    model = SimpleNamespace(config=SimpleNamespace(skim_layers=[3, 1, 2]))
+    assert run_qa.resolve_skim_threshold(skim_args.skim_threshold, model) == {1: 0.2, 2: 0.4, 3: 0.6}
+    assert run_qa.resolve_skim_threshold("0.3", model) == 0.3
+    assert run_qa.resolve_skim_threshold([0.1, 0.2, 0.3], model) == {1: 0.1, 2: 0.2, 3: 0.3}  # a JSON recipe's list
+    assert run_qa.resolve_skim_threshold({"1": 0.1, "2": 0.2, "3": 0.3}, model) == {"1": 0.1, "2": 0.2, "3": 0.3}
+    with pytest.raises(ValueError, match=r"--skim_threshold: 0.2/0.4 gives 2 taus for layers \[1, 2, 3\]"):
+        run_qa.resolve_skim_threshold("0.2/0.4", model)
+    with pytest.raises(ValueError, match="--skim_threshold: '0.2/high' is not a float"):
+        run_qa.resolve_skim_threshold("0.2/high", model)
+    vanilla = SimpleNamespace(config=SimpleNamespace())  # no predictors: nothing to skim with
+    assert run_qa.resolve_skim_threshold("0.3", vanilla) is None
