@@ -196,17 +196,21 @@ def protected_blocks(features: datasets.Dataset, sep_token_id: int, block_size: 
     return counts
 
 
+def oracle_keep_blocks(ids: Sequence[int], start: int, end: int, sep_token_id: int, block_size: int) -> torch.Tensor:
+    """(1, K) the oracle's blocks of one window: those holding [CLS], question, separators or the gold answer."""
+    input_ids = torch.tensor([list(ids)])
+    keep = protected_token_mask(input_ids, torch.ones_like(input_ids, dtype=torch.bool), sep_token_id)
+    if start > 0:  # windows without the answer point at [CLS] (position 0)
+        keep[0, start : end + 1] = True
+    return blocks_touched(keep, block_size)
+
+
 def oracle_kept_tokens(features: datasets.Dataset, sep_token_id: int, block_size: int) -> list[int]:
     """Real tokens in the protected blocks plus the gold-answer blocks of each feature (no answer: none)."""
     kept = []
     columns = (features["input_ids"], features["start_positions"], features["end_positions"])
     for ids, start, end in zip(*columns, strict=True):
-        input_ids = torch.tensor([ids])
-        valid = torch.ones_like(input_ids, dtype=torch.bool)
-        keep = protected_token_mask(input_ids, valid, sep_token_id)
-        if start > 0:  # windows without the answer point at [CLS] (position 0)
-            keep[0, start : end + 1] = True
-        blocks = blocks_touched(keep, block_size)  # (1, K)
+        blocks = oracle_keep_blocks(ids, start, end, sep_token_id, block_size)  # (1, K)
         token_blocks = blocks.repeat_interleave(block_size, dim=1)[:, : len(ids)]
         kept.append(int(token_blocks.sum()))
     return kept

@@ -9,7 +9,8 @@
 #
 # CPU default: a shuffled subset (seed 42) of N_EXAMPLES=4000 SQuAD v1.1 training questions, 1 epoch, which takes
 # about 40 minutes per model on 2 cores. On a GPU pass N_EXAMPLES=all EPOCHS=2 (the full set, the main result).
-# BLOCKSKIM_ARGS adds arguments to the Block-Skim run only, e.g. BLOCKSKIM_ARGS="--predictor_question_features true".
+# BLOCKSKIM_ARGS adds arguments to the Block-Skim run only, e.g. BLOCKSKIM_ARGS="--predictor_question_features true";
+# COMMON_ARGS to both runs (later arguments override earlier ones), e.g. the backbone folder and GPU settings.
 #
 # Then (c): a predictor-only stage on (b) (`--train_predictors_only`: backbone and span head frozen, run as at
 # inference), STAGE_EPOCHS=3 epochs over the same questions, written to OUTPUT_ROOT/blockskim_predictors; STAGE_ARGS
@@ -31,6 +32,8 @@ common=(
   --report_to none --disable_tqdm true
 )
 [[ -z "$(python -c 'import torch; print(torch.cuda.is_available() or "")')" ]] && common+=(--use_cpu true)
+# shellcheck disable=SC2206  # COMMON_ARGS is a list of arguments
+common+=(${COMMON_ARGS:-})
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$root"
 python "$here/examples/run_qa.py" "${common[@]}" --block_skim false --output_dir "$root/vanilla" \
