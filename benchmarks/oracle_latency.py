@@ -12,6 +12,9 @@ inputs (CUDA events on a GPU, medians of interleaved repeats after warm-up):
 - `blockskim_first_layer`: one predictor, after the first layer (where the oracle cuts);
 - `blockskim_all_layers`: the paper's layout, a predictor after every layer but the last.
 
+Each row also records the ATen operators one forward of each variant dispatches: where a forward is bound by
+dispatch rather than arithmetic (eager PyTorch on a fast GPU), this count, not the FLOPs, sets its time.
+
 Implementation efficiency = T(ideal_truncation) / T(Block-Skim); latency speedup = T(vanilla) / T(Block-Skim).
 Batch 1 times `--batch1-windows` windows one at a time (sum of per-window medians); larger batches time the first
 `batch` windows together.
@@ -36,7 +39,13 @@ from squad import answer_windows, collate, ideal_truncation, oracle_keep_blocks,
 from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
 
 from modeling_blockskim import BlockSkimForQuestionAnswering
-from modeling_blockskim.benchmarking import atomic_write_json, environment, median, time_side_by_side
+from modeling_blockskim.benchmarking import (
+    atomic_write_json,
+    count_operators,
+    environment,
+    median,
+    time_side_by_side,
+)
 from modeling_blockskim.data import load_qa_dataset
 from modeling_blockskim.flops import forward_flops
 
@@ -153,8 +162,10 @@ def time_batch(models: dict, rows: Sequence[dict], pad_id: int, sep_token_id: in
         variants["ideal_truncation"] = ideal_truncation(vanilla, batch, cut.to(device))
         flops["ideal_truncation"] = sum(forward_flops(config, counts, predictors=False) for counts in cut.tolist())
         times = time_side_by_side(variants, repeats=args.repeats, warmup=args.warmup, device=device)
+        operators = {name: count_operators(function) for name, function in variants.items()}
     return {
         "seconds": {name: median(values) for name, values in times.items()},
+        "operators": operators,
         "kept_tokens_per_layer_mean": cut.float().mean(dim=0).tolist(),
         "flops": flops,
     }
@@ -175,6 +186,7 @@ def summarise(total: dict[str, Any]) -> dict[str, Any]:
             "flops_speedup_vs_vanilla": total["flops"]["vanilla"] / total["flops"][name],
         }
     summary["ideal_truncation_speedup_vs_vanilla"] = seconds["vanilla"] / seconds["ideal_truncation"]
+    summary["aten_operators_per_forward"] = total["operators"]
     summary["kept_tokens_per_layer_mean"] = total["kept_tokens_per_layer_mean"]
     return summary
 
@@ -225,6 +237,10 @@ def main() -> None:
                 total = {
                     "seconds": {name: sum(m["seconds"][name] for m in measured) for name in measured[0]["seconds"]},
                     "flops": {name: sum(m["flops"][name] for m in measured) for name in measured[0]["flops"]},
+                    "operators": {  # per forward: the mean over the timed batches
+                        name: sum(m["operators"][name] for m in measured) / len(measured)
+                        for name in measured[0]["operators"]
+                    },
                     "kept_tokens_per_layer_mean": [
                         sum(values) / len(measured)
                         for values in zip(*(m["kept_tokens_per_layer_mean"] for m in measured), strict=True)

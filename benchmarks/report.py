@@ -304,6 +304,58 @@ def overhead_section(stem: str, profile: dict[str, Any]) -> str:
     return "\n\n".join(lines)
 
 
+def oracle_latency_section(stem: str, table: dict[str, Any]) -> str:
+    """`benchmarks/oracle_latency.py`: the oracle keep pattern on standard shapes, against the ideal truncation."""
+    setup, environment = table["setup"], table["environment"]
+    device = (
+        environment.get("gpu") or f"CPU ({environment['cpu_count']} cores, {environment['torch_threads']} threads)"
+    )
+    lines = [
+        f"### Oracle keep pattern on BERT shapes: {device}, {setup['dtype']}, random weights",
+        f"Source: `benchmarks/results/{stem}.json`, command `{environment['command']}` (revision "
+        f"`{environment['git_revision']}`, torch {environment['torch']}). {setup['variant']}; {setup['pattern']}; "
+        f"ms per forward; batch 1 = the mean over {setup['batch1_windows']} windows run one by one, larger batches "
+        f"one batch; medians of {setup['repeats']} interleaved runs after {setup['warmup']} warm-up. × = speedup "
+        "over the stock model "
+        "(dynamic padding = padded here: the windows are full); efficiency = T(ideal truncation) / T(Block-Skim); "
+        "ops = ATen operators dispatched per forward (vanilla / ideal / first-layer / all layers).",
+    ]
+    head = (
+        "| shape | tokens | batch | vanilla ms | ideal truncation ms (×) | Block-Skim, predictor after layer 1: "
+        "ms (×, efficiency) | Block-Skim, predictors after every layer: ms (×, efficiency) | FLOPs × | ops |"
+    )
+    rows = [head, "|" + "---|" * 9]
+    for row in table["rows"]:
+        forwards = row["windows"] // row["batch_size"]  # batch 1 sums the medians of several windows
+        ms = {name: value / forwards for name, value in row["latency_ms"].items()}
+        ops = row.get("aten_operators_per_forward")
+        ops_text = (
+            " / ".join(
+                f"{ops[name]:.0f}"
+                for name in ("vanilla", "ideal_truncation", "blockskim_first_layer", "blockskim_all_layers")
+            )
+            if ops
+            else "–"
+        )
+        cells = [
+            row["shape"],
+            str(row["seq_len"]),
+            str(row["batch_size"]),
+            f"{ms['vanilla']:.2f}",
+            f"{ms['ideal_truncation']:.2f} (×{row['ideal_truncation_speedup_vs_vanilla']:.2f})",
+        ]
+        for name in ("blockskim_first_layer", "blockskim_all_layers"):
+            variant = row[name]
+            cells.append(
+                f"{ms[name]:.2f} (×{variant['latency_speedup_vs_vanilla']:.2f}, "
+                f"{variant['implementation_efficiency']:.3f})"
+            )
+        cells += [f"{row['blockskim_first_layer']['flops_speedup_vs_vanilla']:.2f}", ops_text]
+        rows.append("| " + " | ".join(cells) + " |")
+    lines.append("\n".join(rows))
+    return "\n\n".join(lines)
+
+
 def resumed_runs(training: dict[str, Any]) -> list[str]:
     """The training runs whose `train_results.json` covers only part of their schedule.
 
@@ -348,6 +400,7 @@ def render(
     sweeps: list[tuple[str, dict[str, Any]]] = (),
     probes: list[tuple[str, dict[str, Any]]] = (),
     overheads: list[tuple[str, dict[str, Any]]] = (),
+    latencies: list[tuple[str, dict[str, Any]]] = (),
 ) -> str:
     sections = []
     for stem, result in results:
@@ -368,6 +421,7 @@ def render(
     sections += [layer_sweep_section(stem, sweep) for stem, sweep in sweeps]
     sections += [probe_section(stem, probe) for stem, probe in probes]
     sections += [overhead_section(stem, profile) for stem, profile in overheads]
+    sections += [oracle_latency_section(stem, table) for stem, table in latencies]
     figures = "\n\n".join(f"![{Path(path).stem}]({path})" for path in plot_paths)
     return "\n\n".join([*sections, figures])
 
@@ -384,7 +438,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    results, sweeps, probes, overheads = [], [], [], []
+    results, sweeps, probes, overheads, latencies = [], [], [], [], []
     for path in sorted(args.results.glob("*.json")):
         data = json.loads(path.read_text())
         if data.get("benchmark") == "squad":
@@ -395,6 +449,8 @@ def main() -> None:
             probes.append((path.stem, data))
         elif data.get("benchmark") == "overhead_profile":
             overheads.append((path.stem, data))
+        elif data.get("benchmark") == "oracle_latency":
+            latencies.append((path.stem, data))
     if not results:
         raise SystemExit(f"no squad results in {args.results}; run benchmarks/squad.py first.")
     results.sort(
@@ -407,7 +463,7 @@ def main() -> None:
         )
     )
     plot_paths = plot(results, args.plots)
-    generated = render(results, plot_paths, sweeps, probes, overheads)
+    generated = render(results, plot_paths, sweeps, probes, overheads, latencies)
     text = args.markdown.read_text() if args.markdown.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{args.markdown} lacks the {BEGIN} / {END} markers that delimit the generated part.")

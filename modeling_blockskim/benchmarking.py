@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _time_once(function: Callable[[], object], device: torch.device) -> float:
@@ -64,6 +65,24 @@ def time_side_by_side(
         for name, function in variants.items():
             times[name].append(_time_once(function, device))
     return times
+
+
+class _OperatorCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operators(function: Callable[[], object]) -> int:
+    """ATen operators `function()` dispatches: on a GPU each is a kernel launch or host-side work, so when a forward
+    is bound by dispatch rather than arithmetic (small models, short sequences) its time follows this count."""
+    with _OperatorCounter() as counter:
+        function()
+    return counter.count
 
 
 def median(values: list[float]) -> float:

