@@ -40,6 +40,7 @@ from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
 
 from modeling_blockskim import BlockSkimForQuestionAnswering
 from modeling_blockskim.benchmarking import (
+    add_device_arguments,
     atomic_write_json,
     count_operators,
     environment,
@@ -208,8 +209,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-questions", type=int, default=3000, help="seeded subset of questions to window")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    add_device_arguments(parser, dtype="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, required=True, help="results JSON")
     return parser.parse_args()

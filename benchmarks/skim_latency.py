@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from modeling_blockskim import BlockSkimForQuestionAnswering
-from modeling_blockskim.benchmarking import environment, median, time_side_by_side
+from modeling_blockskim.benchmarking import add_device_arguments, environment, median, time_side_by_side
 from modeling_blockskim.flops import count_flops, forward_flops
 
 
@@ -61,8 +61,7 @@ def main() -> None:
     parser.add_argument("--question-len", type=int, default=14)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_device_arguments(parser)
     parser.add_argument("--output", type=Path, default=None, help="write the results JSON here")
     args = parser.parse_args()
 

@@ -40,7 +40,13 @@ from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 from transformers.masking_utils import create_bidirectional_mask
 
 from modeling_blockskim import BlockSkimConfig, BlockSkimForQuestionAnswering
-from modeling_blockskim.benchmarking import atomic_write_json, environment, median, time_side_by_side
+from modeling_blockskim.benchmarking import (
+    add_device_arguments,
+    atomic_write_json,
+    environment,
+    median,
+    time_side_by_side,
+)
 from modeling_blockskim.configuration_blockskim import parse_thresholds, thresholds_for_layers
 from modeling_blockskim.data import load_qa_dataset, postprocess_qa_predictions, prepare_eval_features
 from modeling_blockskim.flops import count_flops, forward_flops, ideal_speedup
@@ -388,8 +394,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--flop-check-features", type=int, default=8)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_device_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, required=True, help="results JSON")
     return parser.parse_args()

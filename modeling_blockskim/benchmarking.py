@@ -8,6 +8,7 @@ machine noise hits them alike.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -83,6 +84,12 @@ def count_operators(function: Callable[[], object]) -> int:
     with _OperatorCounter() as counter:
         function()
     return counter.count
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, dtype: str = "float32") -> None:
+    """`--device` (default: CUDA when available) and `--dtype`, the same in every benchmark script."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"])
 
 
 def median(values: list[float]) -> float:
