@@ -12,8 +12,9 @@ inputs (CUDA events on a GPU, medians of interleaved repeats after warm-up):
 - `blockskim_first_layer`: one predictor, after the first layer (where the oracle cuts);
 - `blockskim_all_layers`: the paper's layout, a predictor after every layer but the last.
 
-Each row also records the ATen operators one forward of each variant dispatches: where a forward is bound by
-dispatch rather than arithmetic (eager PyTorch on a fast GPU), this count, not the FLOPs, sets its time.
+Each row also records the ATen operators one forward of each variant dispatches and the times it waits for the
+device (host synchronisations): where a forward is bound by dispatch rather than arithmetic (eager PyTorch on a
+fast GPU), these counts, not the FLOPs, set its time.
 
 Implementation efficiency = T(ideal_truncation) / T(Block-Skim); latency speedup = T(vanilla) / T(Block-Skim).
 Batch 1 times `--batch1-windows` windows one at a time (sum of per-window medians); larger batches time the first
@@ -42,6 +43,7 @@ from modeling_blockskim import BlockSkimForQuestionAnswering
 from modeling_blockskim.benchmarking import (
     add_device_arguments,
     atomic_write_json,
+    count_host_syncs,
     count_operators,
     environment,
     median,
@@ -142,7 +144,6 @@ def time_batch(models: dict, rows: Sequence[dict], pad_id: int, sep_token_id: in
     full = [batch["input_ids"].shape[1]] * config.backbone_config.num_hidden_layers
     variants: dict[str, Callable[[], object]] = {"vanilla": lambda: vanilla(**batch)}
     flops = {"vanilla": len(rows) * forward_flops(config, full, predictors=False)}
-    protected = protected_counts(config.block_size, rows, sep_token_id)
     kept = {}
     with torch.inference_mode():
         for name in ("blockskim_first_layer", "blockskim_all_layers"):
@@ -150,10 +151,7 @@ def time_batch(models: dict, rows: Sequence[dict], pad_id: int, sep_token_id: in
             pattern = {k: v.to(device) for k, v in oracle_pattern(model, rows, sep_token_id).items()}
             details = model(**batch, skim=True, keep_blocks_override=pattern, output_skim_details=True)
             kept[name] = details.kept_token_counts.cpu()
-            flops[name] = sum(
-                forward_flops(model.config, counts, protected_blocks=blocks)
-                for counts, blocks in zip(kept[name].tolist(), protected, strict=True)
-            )
+            flops[name] = sum(forward_flops(model.config, counts) for counts in kept[name].tolist())
             variants[name] = lambda model=model, pattern=pattern: model(
                 **batch, skim=True, keep_blocks_override=pattern
             )
@@ -164,17 +162,14 @@ def time_batch(models: dict, rows: Sequence[dict], pad_id: int, sep_token_id: in
         flops["ideal_truncation"] = sum(forward_flops(config, counts, predictors=False) for counts in cut.tolist())
         times = time_side_by_side(variants, repeats=args.repeats, warmup=args.warmup, device=device)
         operators = {name: count_operators(function) for name, function in variants.items()}
+        syncs = {name: count_host_syncs(function) for name, function in variants.items()}
     return {
         "seconds": {name: median(values) for name, values in times.items()},
         "operators": operators,
+        "host_syncs": syncs,
         "kept_tokens_per_layer_mean": cut.float().mean(dim=0).tolist(),
         "flops": flops,
     }
-
-
-def protected_counts(block_size: int, rows: Sequence[dict], sep_token_id: int) -> list[int]:
-    """Protected blocks per row (never judged by a predictor), for the analytic predictor FLOPs."""
-    return [int(oracle_keep_blocks(row["input_ids"], 0, 0, sep_token_id, block_size).sum()) for row in rows]
 
 
 def summarise(total: dict[str, Any]) -> dict[str, Any]:
@@ -188,6 +183,7 @@ def summarise(total: dict[str, Any]) -> dict[str, Any]:
         }
     summary["ideal_truncation_speedup_vs_vanilla"] = seconds["vanilla"] / seconds["ideal_truncation"]
     summary["aten_operators_per_forward"] = total["operators"]
+    summary["host_syncs_per_forward"] = total["host_syncs"]
     summary["kept_tokens_per_layer_mean"] = total["kept_tokens_per_layer_mean"]
     return summary
 
@@ -237,9 +233,11 @@ def main() -> None:
                 total = {
                     "seconds": {name: sum(m["seconds"][name] for m in measured) for name in measured[0]["seconds"]},
                     "flops": {name: sum(m["flops"][name] for m in measured) for name in measured[0]["flops"]},
-                    "operators": {  # per forward: the mean over the timed batches
-                        name: sum(m["operators"][name] for m in measured) / len(measured)
-                        for name in measured[0]["operators"]
+                    **{  # per forward: the mean over the timed batches
+                        count: {
+                            name: sum(m[count][name] for m in measured) / len(measured) for name in measured[0][count]
+                        }
+                        for count in ("operators", "host_syncs")
                     },
                     "kept_tokens_per_layer_mean": [
                         sum(values) / len(measured)

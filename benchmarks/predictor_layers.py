@@ -25,7 +25,7 @@ from squad import (
     load_blockskim,
     load_dev_features,
     parse_threshold,
-    protected_blocks,
+    question_lengths,
     run_pass,
     score,
     tau_label,
@@ -79,8 +79,8 @@ def main() -> None:
     rows = {"vanilla": score(examples, features, baseline, metric)}
     for layers, model in zip(layer_sets, models, strict=True):
         config = model.config
-        protected = protected_blocks(features, config.sep_token_id, config.block_size)
-        dynamic = sum(flops_per_feature(config, [[n] * config.num_hidden_layers for n in lengths], False, protected))
+        questions = question_lengths(features, config.sep_token_id)
+        dynamic = sum(flops_per_feature(config, [[n] * config.num_hidden_layers for n in lengths], False, questions))
         padded = forward_flops(config, [args.max_seq_length] * config.num_hidden_layers, predictors=False)
         for tau in args.thresholds:
             threshold = layer_thresholds(layers, tau)
@@ -88,7 +88,7 @@ def main() -> None:
             result = run_pass(
                 model, features, args.eval_batch_size, pad, device, {"skim": True, "skim_threshold": threshold}, name
             )
-            flops = sum(flops_per_feature(config, result.processed, True, protected))
+            flops = sum(flops_per_feature(config, result.processed, True, questions))
             rows[name] = {
                 **score(examples, features, result, metric),
                 "skim_layers": layers,

@@ -318,25 +318,26 @@ def oracle_latency_section(stem: str, table: dict[str, Any]) -> str:
         f"one batch; medians of {setup['repeats']} interleaved runs after {setup['warmup']} warm-up. × = speedup "
         "over the stock model "
         "(dynamic padding = padded here: the windows are full); efficiency = T(ideal truncation) / T(Block-Skim); "
-        "ops = ATen operators dispatched per forward (vanilla / ideal / first-layer / all layers).",
+        "ops = ATen operators dispatched per forward, syncs = host synchronisations per forward (vanilla / ideal / "
+        "first-layer / all layers; – where a run did not record them).",
     ]
     head = (
         "| shape | tokens | batch | vanilla ms | ideal truncation ms (×) | Block-Skim, predictor after layer 1: "
-        "ms (×, efficiency) | Block-Skim, predictors after every layer: ms (×, efficiency) | FLOPs × | ops |"
+        "ms (×, efficiency) | Block-Skim, predictors after every layer: ms (×, efficiency) | FLOPs × | ops | syncs |"
     )
-    rows = [head, "|" + "---|" * 9]
+    rows = [head, "|" + "---|" * 10]
     for row in table["rows"]:
         forwards = row["windows"] // row["batch_size"]  # batch 1 sums the medians of several windows
         ms = {name: value / forwards for name, value in row["latency_ms"].items()}
-        ops = row.get("aten_operators_per_forward")
-        ops_text = (
+        cells_counts = [
             " / ".join(
-                f"{ops[name]:.0f}"
+                f"{counts[name]:.0f}"
                 for name in ("vanilla", "ideal_truncation", "blockskim_first_layer", "blockskim_all_layers")
             )
-            if ops
+            if counts
             else "–"
-        )
+            for counts in (row.get("aten_operators_per_forward"), row.get("host_syncs_per_forward"))
+        ]
         cells = [
             row["shape"],
             str(row["seq_len"]),
@@ -350,7 +351,7 @@ def oracle_latency_section(stem: str, table: dict[str, Any]) -> str:
                 f"{ms[name]:.2f} (×{variant['latency_speedup_vs_vanilla']:.2f}, "
                 f"{variant['implementation_efficiency']:.3f})"
             )
-        cells += [f"{row['blockskim_first_layer']['flops_speedup_vs_vanilla']:.2f}", ops_text]
+        cells += [f"{row['blockskim_first_layer']['flops_speedup_vs_vanilla']:.2f}", *cells_counts]
         rows.append("| " + " | ".join(cells) + " |")
     lines.append("\n".join(rows))
     return "\n\n".join(lines)

@@ -90,8 +90,7 @@ def main() -> None:
             times = time_side_by_side({"skim": skim, "no_skim": no_skim}, repeats=args.repeats, device=args.device)
         layers = model.config.num_hidden_layers
         analytic = {
-            # Block 0 holds [CLS] + question, the last block the final separator: both protected, never classified.
-            "skim": batch_size * forward_flops(model.config, tokens_per_layer, protected_blocks=2),
+            "skim": batch_size * forward_flops(model.config, tokens_per_layer),
             "no_skim": batch_size * forward_flops(model.config, [args.seq_len] * layers, predictors=False),
         }
         row = {

@@ -189,16 +189,15 @@ def blocks_touched(token_mask: torch.Tensor, block_size: int) -> torch.Tensor:
     return any_per_block(torch.nn.functional.pad(token_mask, (0, pad)), block_size)
 
 
-def protected_blocks(features: datasets.Dataset, sep_token_id: int, block_size: int) -> list[tuple[int, int]]:
-    """Per feature: blocks holding [CLS], question or separators (never judged by a predictor), and the question
-    tokens (up to the first separators) whose attention question-feature predictors read."""
+def question_lengths(features: datasets.Dataset, sep_token_id: int) -> list[int]:
+    """Per feature: the question tokens (up to the first separators) whose attention question-feature predictors
+    read."""
     counts = []
     for ids in features["input_ids"]:
         input_ids = torch.tensor([ids])
-        valid = torch.ones_like(input_ids, dtype=torch.bool)
-        protected = protected_token_mask(input_ids, valid, sep_token_id)
-        question = question_token_mask(input_ids, valid, sep_token_id)
-        counts.append((int(blocks_touched(protected, block_size).sum()), int(question.sum())))
+        counts.append(
+            int(question_token_mask(input_ids, torch.ones_like(input_ids, dtype=torch.bool), sep_token_id).sum())
+        )
     return counts
 
 
@@ -223,11 +222,11 @@ def oracle_kept_tokens(features: datasets.Dataset, sep_token_id: int, block_size
 
 
 def flops_per_feature(
-    config, rows: Sequence[Sequence[int]], predictors: bool, protected: Sequence[tuple[int, int]]
+    config, rows: Sequence[Sequence[int]], predictors: bool, question_tokens: Sequence[int]
 ) -> list[int]:
     return [
-        forward_flops(config, list(row), predictors=predictors, protected_blocks=blocks, question_tokens=question)
-        for row, (blocks, question) in zip(rows, protected, strict=True)
+        forward_flops(config, list(row), predictors=predictors, question_tokens=question)
+        for row, question in zip(rows, question_tokens, strict=True)
     ]
 
 
@@ -304,7 +303,7 @@ def check_flop_counter(
     features: datasets.Dataset,
     indices: Sequence[int],
     thresholds: Mapping[str, float | dict[int, float]],
-    protected: Sequence[tuple[int, int]],
+    question_tokens: Sequence[int],
     pad_id: int,
     device: torch.device,
 ) -> dict[str, float]:
@@ -325,8 +324,7 @@ def check_flop_counter(
             for label, tau in thresholds.items():
                 details = blockskim(**batch, skim=True, skim_threshold=tau, output_skim_details=True)
                 lengths = processed_lengths(details)[0].tolist()
-                blocks, question = protected[index]
-                analytic = forward_flops(config, lengths, protected_blocks=blocks, question_tokens=question)
+                analytic = forward_flops(config, lengths, question_tokens=question_tokens[index])
                 measured = count_flops(lambda batch=batch, tau=tau: blockskim(**batch, skim=True, skim_threshold=tau))
                 record(f"blockskim_tau={label}", measured, analytic)
     return worst
@@ -472,7 +470,7 @@ def main() -> None:
     examples, features, report = load_dev_features(args, tokenizer)
     lengths = [len(ids) for ids in features["input_ids"]]
     layers = config.num_hidden_layers
-    protected = protected_blocks(features, config.sep_token_id, config.block_size)
+    questions = question_lengths(features, config.sep_token_id)
     print(f"{len(examples)} questions, {len(features)} windows, mean length {sum(lengths) / len(lengths):.1f}")
 
     # --- accuracy and per-feature lengths of every row -----------------------------------------------------------
@@ -495,12 +493,12 @@ def main() -> None:
         print(f"{name:>24}: EM {scores['exact_match']:.2f}  F1 {scores['f1']:.2f}")
 
     # --- FLOPs ------------------------------------------------------------------------------------------------------
-    dynamic = flops_per_feature(config, [[n] * layers for n in lengths], False, protected)
+    dynamic = flops_per_feature(config, [[n] * layers for n in lengths], False, questions)
     padded = forward_flops(config, [args.max_seq_length] * layers, predictors=False)
     n_questions = len(examples)
     for name, result in passes.items():
         skimming = name.startswith("blockskim_tau")
-        row_flops = flops_per_feature(config, result.processed, skimming, protected)
+        row_flops = flops_per_feature(config, result.processed, skimming, questions)
         kept_totals = [sum(column) for column in zip(*result.kept_tokens, strict=True)]
         rows[name].update(
             {
@@ -516,7 +514,7 @@ def main() -> None:
     oracle = {}
     for after in (1, 2, 3):
         per_layer = [[n] * after + [k] * (layers - after) for n, k in zip(lengths, oracle_tokens, strict=True)]
-        total = sum(flops_per_feature(config, per_layer, False, protected))
+        total = sum(flops_per_feature(config, per_layer, False, questions))
         oracle[f"after_layer_{after}"] = {
             "flops_speedup_vs_dynamic": sum(dynamic) / total,
             "flops_speedup_vs_padded": padded * len(lengths) / total,
@@ -531,7 +529,7 @@ def main() -> None:
         features,
         sample[: args.flop_check_features],
         thresholds,
-        protected,
+        questions,
         tokenizer.pad_token_id,
         device,
     )

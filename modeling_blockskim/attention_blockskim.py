@@ -37,16 +37,19 @@ class AttentionProbe:
         key_valid (`torch.BoolTensor` of shape `(batch, length)`, *optional*): keys that may be attended to;
             required with `block_size` (padding and filler slots of a compacted batch are `False`). It must agree
             with the layer's attention mask: no mask means every key is real.
-        judged_blocks (`torch.LongTensor` of shape `(N, 2)`, *optional*): (row, block) of every block to describe,
-            in row-major order (`mask.nonzero()`); required with `block_size`.
+        judged_blocks (`torch.LongTensor` of shape `(N, 2)`, *optional*): (row, block) of the blocks to describe,
+            in row-major order (`mask.nonzero()`). Without it every slot of `judged_slots` is described, judged or
+            not (`N = batch * slots`): at inference that saves the host synchronisation of `nonzero()` and the
+            gathers by index, and the caller ignores what it does not judge. One of the two is required with
+            `block_size`.
         diagonal_block (`bool`, defaults to `True`): compute `block_probs`; predictors that read only the question
             masses switch it off.
         question_valid (`torch.BoolTensor` of shape `(batch, width)`, *optional*): the question tokens, all among
             the first `width` positions, when the block-question attention masses are wanted too.
         block_context (`bool`, defaults to `False`): describe each judged block by its masses in context
             (`block_context_features`) rather than by its raw masses.
-        judged_slots (`torch.BoolTensor` of shape `(batch, slots)`, *optional*): `judged_blocks` as a mask, which
-            the caller has already; required with `block_context`.
+        judged_slots (`torch.BoolTensor` of shape `(batch, slots)`, *optional*): the judged blocks as a mask, which
+            the caller has already; required with `block_context` and without `judged_blocks`.
         block_probs (`torch.Tensor` of shape `(N, heads, block_size, block_size)`): filled by the attention
             function, float32; rows of invalid queries are zero.
         question_features (`torch.Tensor` of shape `(N, 2 * heads)`, or `(N, 8 * heads)` with `block_context`):
@@ -200,6 +203,29 @@ class JudgedBlocks:
         block_lse = take_positions(lse, rows, clamped).masked_fill(~valid[:, None, :], float("inf"))
         return cls(valid, take_positions(query, rows, clamped), take_positions(key, rows, clamped), block_lse)
 
+    @classmethod
+    def every_slot(
+        cls,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        lse: torch.Tensor,
+        key_valid: torch.Tensor,
+        block_size: int,
+        slots: int,
+    ) -> JudgedBlocks:
+        """Every slot's block, `N = batch * slots` in row-major order, by padding and reshaping instead of indexing:
+        the same values as `gather` on all `(row, slot)` pairs, with no index tensor to build."""
+        pad = slots * block_size - key_valid.shape[1]
+
+        def per_slot(tensor: torch.Tensor) -> torch.Tensor:  # (B, H, L, ...) -> (B * S, H, bs, ...), float32
+            padding = [0, 0] * (tensor.dim() - 3) + [0, pad]
+            blocked = nn.functional.pad(tensor, padding).unflatten(2, (slots, block_size))  # (B, H, S, bs, ...)
+            return blocked.transpose(1, 2).flatten(0, 1).float()
+
+        valid = nn.functional.pad(key_valid, (0, pad)).view(-1, block_size)  # (B * S, bs)
+        block_lse = per_slot(lse).masked_fill(~valid[:, None, :], float("inf"))
+        return cls(valid, per_slot(query), per_slot(key), block_lse)
+
 
 def take_positions(tensor: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """`(batch, heads, length, ...)` at `(N, 1)` rows and `(N, P)` positions -> `(N, heads, P, ...)`, float32."""
@@ -352,8 +378,10 @@ def blockskim_attention_forward(
     dropout = dropout if module.training else 0.0
     output = lse = None  # output as transformers implementations return it: (B, L, H, d)
     if probe.block_size is not None:
-        if probe.key_valid is None or probe.judged_blocks is None:
-            raise ValueError("AttentionProbe.key_valid and judged_blocks are required with block_size.")
+        if probe.key_valid is None or (probe.judged_blocks is None and probe.judged_slots is None):
+            raise ValueError(
+                "AttentionProbe.key_valid and judged_blocks or judged_slots are required with block_size."
+            )
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         if probe.implementation == "sdpa" and not needs_grad and dropout == 0.0:
             # At inference the fused kernel yields the output and the log-sum-exp in one pass. Without an attention
@@ -373,7 +401,11 @@ def blockskim_attention_forward(
             lse = row_logsumexp(query, key, probe.key_valid, scaling)
         judged = probe.judged_blocks
         if probe.diagonal_block:
-            blocks = JudgedBlocks.gather(judged, query, key, lse, probe.key_valid, probe.block_size)
+            if judged is None:
+                slots = probe.judged_slots.shape[1]
+                blocks = JudgedBlocks.every_slot(query, key, lse, probe.key_valid, probe.block_size, slots)
+            else:
+                blocks = JudgedBlocks.gather(judged, query, key, lse, probe.key_valid, probe.block_size)
             probe.block_probs = judged_block_probabilities(blocks, scaling)
         if probe.question_valid is not None:
             per_block = block_question_attention(
@@ -385,7 +417,9 @@ def blockskim_attention_forward(
                 per_block = block_context_features(
                     per_block, probe.key_valid, probe.question_valid, probe.judged_slots, probe.block_size
                 )  # (B, S, 8H)
-            probe.question_features = per_block[judged[:, 0], judged[:, 1]]
+            probe.question_features = (
+                per_block.flatten(0, 1) if judged is None else per_block[judged[:, 0], judged[:, 1]]
+            )
     return output, None
 
 

@@ -86,6 +86,51 @@ def count_operators(function: Callable[[], object]) -> int:
     return counter.count
 
 
+_SYNCHRONISING_OPERATORS = frozenset(
+    {
+        torch.ops.aten.nonzero.default,  # its output shape is data
+        torch.ops.aten.equal.default,
+        torch.ops.aten.is_nonzero.default,  # bool(tensor)
+        torch.ops.aten._local_scalar_dense.default,  # tensor.item(), int(tensor), float(tensor)
+    }
+)
+
+
+class _HostSyncCounter(TorchDispatchMode):
+    """Counts the operators that read device values on the host, and `Tensor.tolist`, which does so without one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in _SYNCHRONISING_OPERATORS
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        tolist = self._tolist = torch.Tensor.tolist
+
+        def counted(tensor: torch.Tensor):
+            self.count += 1
+            return tolist(tensor)
+
+        torch.Tensor.tolist = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+def count_host_syncs(function: Callable[[], object]) -> int:
+    """Times `function()` makes the host wait for values computed on the device (`nonzero`, `.tolist()`,
+    `bool(tensor)`, ...). On a GPU each one drains the launch queue, so the device idles while the host queues the
+    next kernels: the count that, with `count_operators`, decides a dispatch-bound forward's time."""
+    with _HostSyncCounter() as counter:
+        function()
+    return counter.count
+
+
 def add_device_arguments(parser: argparse.ArgumentParser, dtype: str = "float32") -> None:
     """`--device` (default: CUDA when available) and `--dtype`, the same in every benchmark script."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

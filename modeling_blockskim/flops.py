@@ -4,10 +4,11 @@ measured count with `torch.utils.flop_counter` to check it against.
 The analytic count covers everything that multiplies: per encoder layer on n tokens with hidden size h and
 intermediate size I, the Q/K/V/output projections (8 n h^2), the feed-forward (4 n h I) and the attention products
 (4 n^2 h); the span head (4 n h); and per skim-predictor layer on K blocks of bs tokens with H heads of d dims, the
-diagonal attention blocks (2 K H bs^2 d) and the CNN on the passage blocks (2 K H^2 9 (bs^2 + bs^2/4) plus
-2 K H bs^2/8) unless the predictors read only the question masses, plus, with question features, the question
-rows and columns of the attention and their sums over the question (4 n q H (d + 1)), and with token matching the
-matcher's projections and question-by-sequence scores (`token_matcher_flops`).
+diagonal attention blocks (2 K H bs^2 d) and the CNN (2 K H^2 9 (bs^2 + bs^2/4) plus 2 K H bs^2/8) unless the
+predictors read only the question masses, plus, with question features, the question rows and columns of the
+attention and their sums over the question (4 n q H (d + 1)), and with token matching the matcher's projections and
+question-by-sequence scores (`token_matcher_flops`). At inference a predictor classifies every block present,
+protected ones included: the decision ignores those, which is cheaper than finding the judged blocks first.
 Layer norms, softmax and activations are left out, as `torch.utils.flop_counter` leaves them out.
 The paper's ideal speedup (Eq. 4) is also here.
 """
@@ -81,7 +82,6 @@ def forward_flops(
     config: BlockSkimConfig,
     tokens_per_layer: Sequence[int],
     predictors: bool = True,
-    protected_blocks: int = 0,
     question_tokens: int = 0,
 ) -> int:
     """Analytic FLOPs of one forward pass.
@@ -90,9 +90,8 @@ def forward_flops(
         config (`BlockSkimConfig`): the model's configuration.
         tokens_per_layer (`Sequence[int]`): positions each encoder layer processes (`num_hidden_layers` entries);
             the span head runs on the last layer's positions.
-        predictors (`bool`, defaults to `True`): count the skim predictors, which read the diagonal blocks of the
-            passage (not protected) blocks present and classify them.
-        protected_blocks (`int`, defaults to 0): blocks holding [CLS], question or separators, never classified.
+        predictors (`bool`, defaults to `True`): count the skim predictors, which read the diagonal blocks of every
+            block present and classify it (at inference, as the model runs them).
         question_tokens (`int`, defaults to 0): tokens up to the first separators, whose attention rows and columns
             the predictors read when `config.predictor_question_features` is set (4 H n q (d + 1) per predictor
             layer on n positions: the question rows and columns, and their weighted sums over the question).
@@ -113,10 +112,9 @@ def forward_flops(
         heads, bs = backbone.num_attention_heads, config.block_size
         for layer in config.skim_layers:
             slots = -(-tokens_per_layer[layer] // bs)
-            judged = max(slots - protected_blocks, 0)
             matches = 4 * (MATCH_HEADS + MATCH_OVERLAP) if config.predictor_token_matching else 0
             total += predictor_flops(
-                judged,
+                slots,
                 heads,
                 bs,
                 config.predictor_question_features,
@@ -124,10 +122,10 @@ def forward_flops(
                 config.predictor_block_context,
                 matches,
             )
-            if matches and judged:  # the matcher runs only when some block is judged
+            if matches:
                 total += token_matcher_flops(tokens_per_layer[layer], question_tokens, slots, backbone.hidden_size)
             if config.predictor_diagonal_block:
-                total += diagonal_block_flops(judged, heads, head_dim, bs)
+                total += diagonal_block_flops(slots, heads, head_dim, bs)
             if config.predictor_question_features:
                 total += 4 * heads * tokens_per_layer[layer] * question_tokens * (head_dim + 1)
     return total

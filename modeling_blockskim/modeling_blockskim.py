@@ -341,16 +341,22 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             raise ValueError("skim=True needs at least one predictor layer, but config.skim_layers is empty.")
         return skim
 
-    def _attention_mask(self, hidden_states: torch.Tensor, token_valid: torch.Tensor) -> torch.Tensor | None:
+    def _attention_mask(
+        self, hidden_states: torch.Tensor, token_valid: torch.Tensor, keys_all_valid: bool | None = None
+    ) -> torch.Tensor | None:
         """The mask of the model's attention implementation for the current (possibly shortened) sequence.
 
         SDPA and eager attention (both run through `attention_blockskim`) take the `(batch, 1, 1, length)` key mask as
-        it is, or none when every key is real: one reduction and one host sync. transformers' general builder does the
-        same check but, with its Python overhead and the expansion to every query, cost about 0.1 ms per call at
-        batch 1 on CPU, once per forward and again after every compaction. Other implementations get its mask.
+        it is, or none when every key is real: `keys_all_valid` when the caller knows it (a `SkimState` does, from
+        the host synchronisation that gave its length), else one reduction and one host sync. transformers' general
+        builder does the same check but, with its Python overhead and the expansion to every query, cost about
+        0.1 ms per call at batch 1 on CPU, once per forward and again after every compaction. Other implementations
+        get its mask.
         """
         if self.config._attn_implementation in ("sdpa", "eager"):
-            return None if bool(token_valid.all()) else token_valid[:, None, None, :]
+            if keys_all_valid is None:
+                keys_all_valid = bool(token_valid.all())
+            return None if keys_all_valid else token_valid[:, None, None, :]
         return create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=token_valid)
 
     def _encode(self, hidden_states: torch.Tensor, token_valid: torch.Tensor) -> torch.Tensor:
@@ -380,12 +386,12 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         pad = num_blocks * block_size - length
         question = question_token_mask(input_ids, token_valid, self.config.sep_token_id)  # (B, L)
         protected = protected_token_mask(input_ids, token_valid, self.config.sep_token_id, question)
-        # One host sync at most: the used length only matters when skimming, the question width only to predictors
-        # that read the question masses.
+        # One host sync: the used length (it only matters when skimming), the question width (only to predictors
+        # that read the question masses) and whether any row is padded, which decides the attention mask.
         question_features = self.config.predictor_question_features
-        widths = used_lengths(*([token_valid] if skim else []), *([question] if question_features else []))
-        used = widths.pop(0) if skim else length
-        question_width = widths.pop(0) if question_features else 0
+        (used, question_width), real_tokens = used_lengths(token_valid, question)
+        used = used if skim else length
+        question_width = question_width if question_features else 0
         slots = -(-used // block_size)
         token_valid, protected, question = nn.functional.pad(torch.stack([token_valid, protected, question]), (0, pad))
         block_ids = torch.arange(slots, device=hidden_states.device).expand(batch, slots)
@@ -402,6 +408,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             question_tokens=question[:, :tokens] if question_features else None,
             question_width=question_width,
             input_ids=token_ids,
+            keys_all_valid=real_tokens == batch * used,
         )
         return state, num_blocks, protected
 
@@ -425,7 +432,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         predictors = {int(index): predictor for index, predictor in self.skim_predictors.items()}
         # The hidden states live outside `state` between compactions: the state's bookkeeping is per compaction.
         hidden_states = state.hidden_states
-        mask = self._attention_mask(hidden_states, state.layer_token_valid)
+        mask = self._attention_mask(hidden_states, state.layer_token_valid, state.keys_all_valid)
         plain = AttentionProbe(implementation)  # layers without a predictor only run the attention
         for index, layer in enumerate(self.layers):
             if record:
@@ -437,7 +444,10 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             block_valid = state.block_valid  # (B, S)
             # Only passage blocks are judged: protected blocks are always kept and never labelled.
             judged_slots = block_valid & ~state.block_protected  # (B, S)
-            judged = judged_slots.nonzero()  # (N, 2) row-major (row, slot)
+            # A predictor in training normalises with batch statistics, which must see the judged blocks only; in
+            # evaluation every block is independent, so it reads every slot and the decision ignores the rest (no
+            # `nonzero()`, whose host synchronisation stalls a GPU's launch queue once per predictor layer).
+            judged = judged_slots.nonzero() if predictor.training else None  # (N, 2) row-major (row, slot)
             question = state.question_tokens
             probe = AttentionProbe(
                 implementation=implementation,
@@ -450,14 +460,21 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
                 judged_slots=judged_slots,
             )
             hidden_states = layer(hidden_states, mask, blockskim_probe=probe)
-            logits = hidden_states.new_zeros(*block_valid.shape, 2, dtype=self.qa_outputs.weight.dtype)
-            if judged.shape[0] > 0:
-                matches = None
-                if predictor.token_matcher is not None:
-                    matches = predictor.token_matcher(
-                        hidden_states, state.input_ids, state.token_valid, probe.question_valid, judged_slots
-                    )[judged[:, 0], judged[:, 1]]
-                logits[judged[:, 0], judged[:, 1]] = predictor(probe.block_probs, probe.question_features, matches)
+            matches = None
+            if predictor.token_matcher is not None:
+                matches = predictor.token_matcher(
+                    hidden_states, state.input_ids, state.token_valid, probe.question_valid, judged_slots
+                )  # (B, S, F)
+            if judged is None:
+                flat = None if matches is None else matches.flatten(0, 1)
+                logits = predictor(probe.block_probs, probe.question_features, flat).view(*block_valid.shape, 2)
+                if record:  # as in training: 0 where no block was judged
+                    logits = logits.masked_fill(~judged_slots[..., None], 0.0)
+            else:
+                logits = hidden_states.new_zeros(*block_valid.shape, 2, dtype=self.qa_outputs.weight.dtype)
+                if judged.shape[0] > 0:
+                    flat = None if matches is None else matches[judged[:, 0], judged[:, 1]]
+                    logits[judged[:, 0], judged[:, 1]] = predictor(probe.block_probs, probe.question_features, flat)
             if record:
                 trace["block_logits"].append(to_original_blocks(logits, state.block_ids, num_blocks, 0.0))
                 trace["present"].append(to_original_blocks(block_valid, state.block_ids, num_blocks, False))
@@ -477,7 +494,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             state = compact(current, keep)
             hidden_states = state.hidden_states
             if state is not current:
-                mask = self._attention_mask(hidden_states, state.layer_token_valid)
+                mask = self._attention_mask(hidden_states, state.layer_token_valid, state.keys_all_valid)
         return replace(state, hidden_states=hidden_states), trace
 
     def _span_logits(self, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

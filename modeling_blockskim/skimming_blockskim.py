@@ -119,6 +119,8 @@ class SkimState:
         input_ids (`torch.LongTensor` of shape `(batch, slots * block_size)`, *optional*): the token ids, tracked
             when predictors compare tokens (`TokenMatcher`); ids of invalid positions are meaningless.
         compacted (`bool`): some block was dropped, so slots no longer sit at their original positions.
+        keys_all_valid (`bool`): every position the layers run on is a real token in every row, so attention needs
+            no key mask; known when the length is, without another host synchronisation.
     """
 
     hidden_states: torch.Tensor
@@ -129,6 +131,7 @@ class SkimState:
     question_width: int = 0
     input_ids: torch.Tensor | None = None
     compacted: bool = False
+    keys_all_valid: bool = False
 
     @property
     def length(self) -> int:
@@ -155,17 +158,18 @@ class SkimState:
         return (self.block_ids[:, :, None] * self.block_size + offsets).flatten(1)
 
 
-def used_lengths(*token_masks: torch.Tensor) -> list[int]:
-    """For each `(batch, length)` mask, the positions up to its last marked token in any row (at least 1).
+def used_lengths(*token_masks: torch.Tensor) -> tuple[list[int], int]:
+    """For each `(batch, length)` mask, the positions up to its last marked token in any row (at least 1), and how
+    many positions the first mask marks in all.
 
-    What the layers must run on (for the real tokens), or how far the question reaches; the masks share one shape,
-    and one host synchronisation serves all of them.
+    What the layers must run on (for the real tokens), how far the question reaches, and whether every row is real up
+    to its used length (`batch * length` real tokens: attention then needs no key mask). The masks share one shape,
+    and one host synchronisation serves all of it: on a GPU each synchronisation stalls the launch queue.
     """
-    if not token_masks:
-        return []
     positions = torch.arange(1, token_masks[0].shape[1] + 1, device=token_masks[0].device)  # (L,)
     last = (torch.stack(token_masks) * positions).amax(dim=(1, 2))  # (masks,)
-    return [max(value, 1) for value in last.tolist()]
+    *values, marked = torch.cat([last, token_masks[0].sum().reshape(1)]).tolist()
+    return [max(value, 1) for value in values], marked
 
 
 def keep_decision(wanted: torch.Tensor, block_protected: torch.Tensor, block_valid: torch.Tensor) -> torch.Tensor:
@@ -178,7 +182,7 @@ def compact(state: SkimState, keep: torch.Tensor) -> SkimState:
 
     The result is as long as the row that keeps most tokens; shorter rows end in filler slots whose tokens are
     marked invalid, so attention masks them and no row's result depends on the others. Two host synchronisations
-    (whether anything is dropped; the new length) are inherent to a dynamic shape.
+    (whether anything is dropped; the new length, with whether any row has fillers) are inherent to a dynamic shape.
 
     Args:
         state (`SkimState`): the current sequence.
@@ -197,7 +201,7 @@ def compact(state: SkimState, keep: torch.Tensor) -> SkimState:
     token_index = (order[:, :, None] * block_size + offsets).flatten(1)  # (B, S * bs)
     keep_tokens = keep.repeat_interleave(block_size, dim=1)  # (B, S * bs)
     token_valid = (state.token_valid & keep_tokens).gather(1, token_index)
-    length = used_lengths(token_valid)[0]
+    (length,), real_tokens = used_lengths(token_valid)
     new_slots = -(-length // block_size)
     tokens = new_slots * block_size
     order, token_index, token_valid = order[:, :new_slots], token_index[:, :tokens], token_valid[:, :tokens]
@@ -214,6 +218,7 @@ def compact(state: SkimState, keep: torch.Tensor) -> SkimState:
         question_tokens=None if question is None else (question & keep_tokens).gather(1, token_index),
         input_ids=None if input_ids is None else input_ids.gather(1, token_index),
         compacted=True,
+        keys_all_valid=real_tokens == keep.shape[0] * length,
     )
 
 

@@ -32,7 +32,7 @@ from transformers.trainer_utils import PredictionOutput, speed_metrics
 from .configuration_blockskim import layer_thresholds
 from .flops import forward_flops
 from .model_card import write_model_card
-from .skimming_blockskim import IGNORE_INDEX, any_per_block, protected_token_mask
+from .skimming_blockskim import IGNORE_INDEX
 
 PREDICTOR_PREFIX = "skim_predictors."
 
@@ -332,10 +332,9 @@ class BlockSkimTrainer(Trainer):
         counts = outputs.kept_token_counts  # (B, layers)
         stats.setdefault("kept_tokens", torch.zeros(counts.shape[1], dtype=torch.float64))
         stats["kept_tokens"] = stats["kept_tokens"] + counts.sum(dim=0).double().cpu()
-        protected = self._protected_blocks(inputs, config)  # (B,)
         layers = config.num_hidden_layers
-        for row, protected_count in zip(counts.tolist(), protected.tolist(), strict=True):
-            stats["flops"] += forward_flops(config, row, protected_blocks=protected_count)
+        for row in counts.tolist():
+            stats["flops"] += forward_flops(config, row)
             stats["baseline_flops"] += forward_flops(config, [row[0]] * layers, predictors=False)
         if outputs.block_labels is None:
             return
@@ -352,14 +351,6 @@ class BlockSkimTrainer(Trainer):
         survived = outputs.block_keep_mask[:, -1] & (outputs.block_labels == 1)
         stats["answer_blocks"] += float((outputs.block_labels == 1).sum())
         stats["answer_blocks_kept"] += float(survived.sum())
-
-    @staticmethod
-    def _protected_blocks(inputs: dict[str, torch.Tensor], config) -> torch.Tensor:
-        input_ids = inputs["input_ids"]
-        valid = inputs.get("attention_mask", torch.ones_like(input_ids)).bool()
-        protected = protected_token_mask(input_ids, valid, config.sep_token_id)
-        pad = -input_ids.shape[1] % config.block_size
-        return any_per_block(torch.nn.functional.pad(protected, (0, pad)), config.block_size).sum(dim=1).cpu()
 
     def _statistics_metrics(self, skim: bool) -> dict[str, float]:
         stats = {name: self._reduce(value) for name, value in self._eval_statistics.items()}

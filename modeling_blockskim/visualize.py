@@ -335,7 +335,7 @@ def collect_skim_decisions(
         gold_answer_tokens=gold_tokens,
         truncated=len(encoded["input_ids"]) > 1,
         window_end_char=window_end_char,
-        flops=forward_flops(config, counts, predictors=True, protected_blocks=int(protected_blocks.sum())),
+        flops=forward_flops(config, counts, predictors=True),
         full_flops=forward_flops(config, [length] * len(counts), predictors=False),
     )
 

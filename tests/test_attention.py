@@ -140,6 +140,65 @@ def test_without_probe_the_model_implementation_runs_unchanged(implementation):
     assert weights is None
 
 
+def test_every_slot_holds_what_gathering_every_row_and_slot_pair_holds():
+    # Inference reads every slot by reshaping; it must describe each block exactly as the indexed gather does, also
+    # for a row that ends early and for a last slot the sequence (21 positions, 3 slots of 8) does not fill.
+    query, key, _ = _qkv(length=21)
+    key_valid = torch.ones(2, 21, dtype=torch.bool)
+    key_valid[1, 10:] = False  # row 1: its last slot holds no real token at all
+    lse = row_logsumexp(query, key, key_valid, 0.3)
+    pairs = torch.cartesian_prod(torch.arange(2), torch.arange(3))  # (6, 2) row-major
+    gathered = JudgedBlocks.gather(pairs, query, key, lse, key_valid, 8)
+    every = JudgedBlocks.every_slot(query, key, lse, key_valid, 8, slots=3)
+    assert torch.equal(every.valid, gathered.valid) and every.valid.sum() == 21 + 10
+    assert torch.equal(every.lse, gathered.lse)
+    # Positions past the sequence hold zeros here and a repeated last position there; neither is valid.
+    for name in ("query", "key"):
+        ours, theirs = getattr(every, name), getattr(gathered, name)
+        assert ours.shape == theirs.shape == (6, 3, 8, 8)
+        assert torch.equal(ours.transpose(1, 2)[every.valid], theirs.transpose(1, 2)[gathered.valid])
+    # The same products on differently laid-out copies: equal up to the last bit of rounding.
+    torch.testing.assert_close(
+        judged_block_probabilities(every, 0.3), judged_block_probabilities(gathered, 0.3), atol=1e-6, rtol=1e-5
+    )
+
+
+def test_probe_without_judged_blocks_describes_every_slot_row_major():
+    query, key, value = _qkv(length=21)
+    key_valid = torch.ones(2, 21, dtype=torch.bool)
+    key_valid[1, 17:] = False
+    slots = torch.ones(2, 3, dtype=torch.bool)
+    question = torch.zeros(2, 4, dtype=torch.bool)
+    question[:, 1:3] = True
+    outputs = {}
+    for name, judged in (("pairs", slots.nonzero()), ("every slot", None)):
+        probe = AttentionProbe(
+            "sdpa",
+            block_size=8,
+            key_valid=key_valid,
+            judged_blocks=judged,
+            judged_slots=slots,
+            question_valid=question,
+        )
+        blockskim_attention_forward(
+            _Module(), query, key, value, key_valid[:, None, None, :], scaling=0.3, blockskim_probe=probe
+        )
+        outputs[name] = probe
+    torch.testing.assert_close(outputs["every slot"].block_probs, outputs["pairs"].block_probs, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        outputs["every slot"].question_features, outputs["pairs"].question_features, atol=0, rtol=0
+    )
+    with pytest.raises(ValueError, match="judged_blocks or judged_slots"):
+        blockskim_attention_forward(
+            _Module(),
+            query,
+            key,
+            value,
+            None,
+            blockskim_probe=AttentionProbe("sdpa", block_size=8, key_valid=key_valid),
+        )
+
+
 def test_block_probabilities_sum_to_at_most_one_per_row():
     query, key, _ = _qkv()
     key_valid = torch.ones(2, 24, dtype=torch.bool)

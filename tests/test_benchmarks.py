@@ -16,7 +16,7 @@ import torch
 from transformers import AutoTokenizer, BertForQuestionAnswering
 
 from modeling_blockskim import BlockSkimConfig, BlockSkimForQuestionAnswering
-from modeling_blockskim.benchmarking import count_operators
+from modeling_blockskim.benchmarking import count_host_syncs, count_operators
 from modeling_blockskim.data import load_qa_dataset, prepare_eval_features
 from modeling_blockskim.flops import forward_flops
 
@@ -301,7 +301,9 @@ def test_probe_collects_exactly_the_masses_a_question_predictor_reads(tiny_model
     hook.remove()
     collected = torch.cat([w.masses[w.labels >= 0] for w in windows])
     assert collected.shape[0] > 0
-    torch.testing.assert_close(collected, torch.cat(read), atol=1e-6, rtol=1e-5)
+    # In evaluation the predictor reads every block, row-major; the judged ones are the labelled ones.
+    judged = [r.view(*w.labels.shape, -1)[w.labels >= 0] for r, w in zip(read, windows, strict=True)]
+    torch.testing.assert_close(collected, torch.cat(judged), atol=1e-6, rtol=1e-5)
     # The trained predictor's P(keep) is the softmax of its logits: a monotone function of the logit difference.
     for w in windows:
         judged = w.labels >= 0
@@ -343,6 +345,14 @@ def test_operator_count_is_the_number_of_aten_calls():
     x = torch.ones(3)
     assert count_operators(lambda: x.add(1)) == 1
     assert count_operators(lambda: x.add(1).mul(2).sum()) == 3
+
+
+def test_host_sync_count_is_the_number_of_device_values_read_on_the_host():
+    x = torch.tensor([0.0, 2.0, 3.0])
+    assert count_host_syncs(lambda: x.add(1).mul(2)) == 0
+    assert count_host_syncs(lambda: (x.nonzero(), x.tolist(), bool(x.any()), x.sum().item())) == 4
+    assert count_host_syncs(lambda: torch.equal(x, x)) == 1
+    assert x.tolist() == [0.0, 2.0, 3.0]  # the counter puts `Tensor.tolist` back
 
 
 def test_oracle_latency_keeps_exactly_the_oracle_blocks_and_counts_their_flops(tmp_path):

@@ -21,7 +21,7 @@ def test_analytic_flops_match_the_flop_counter(skim):
     tokens = details.kept_token_counts[0].tolist()
     assert tokens == ([64, 32, 32, 32] if skim else [64] * 4)
     # Block 0 holds [CLS] + question, block 7 the final separator.
-    analytic = 2 * forward_flops(model.config, tokens, predictors=skim, protected_blocks=2)
+    analytic = 2 * forward_flops(model.config, tokens, predictors=skim)
     assert analytic == measured
 
 
@@ -50,5 +50,5 @@ def test_analytic_flops_match_the_counter_when_the_last_block_is_cut_short(predi
     assert tokens == [61, 29, 29, 29]  # blocks 0, 2, 5 and the short block 7: the layers never run on padding
     valid = batch["attention_mask"].bool()
     question = int(question_token_mask(batch["input_ids"], valid, model.config.sep_token_id)[0].sum())
-    analytic = 2 * forward_flops(model.config, tokens, protected_blocks=2, question_tokens=question)
+    analytic = 2 * forward_flops(model.config, tokens, question_tokens=question)
     assert analytic == measured

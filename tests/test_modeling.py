@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from modeling_blockskim import SKIMMED_LOGIT, BlockSkimForQuestionAnswering
+from modeling_blockskim.benchmarking import count_host_syncs
 from modeling_blockskim.predictor_blockskim import TokenMatcher
 from modeling_blockskim.skimming_blockskim import any_per_block, protected_token_mask, question_token_mask
 
@@ -238,10 +239,12 @@ def test_question_only_predictors_are_linear_and_never_compute_the_diagonal_bloc
         output = model(**batch, skim=True, skim_threshold=0.5, output_skim_details=True)
     (block_probs, question_features, token_matches), *_ = seen
     assert block_probs is None and token_matches is None and question_features.shape[1] == 2 * heads
-    # The logits are the linear layer over the normalised masses, and the decision follows them.
+    # In evaluation the predictor reads every block, row-major; its logits are the linear layer over the normalised
+    # masses, and the decision follows those of the judged blocks (the others are reported as 0).
     expected = predictor.classifier(predictor.question_norm(question_features))
     judged = output.block_logits[:, 0].abs().sum(dim=-1) > 0
-    torch.testing.assert_close(output.block_logits[:, 0][judged], expected)
+    assert question_features.shape[0] == judged.numel() > judged.sum()
+    torch.testing.assert_close(output.block_logits[:, 0][judged], expected[judged.flatten()])
 
 
 def test_context_predictors_read_each_blocks_log_ratios_next_to_its_neighbours_and_the_rows_best_block():
@@ -259,10 +262,11 @@ def test_context_predictors_read_each_blocks_log_ratios_next_to_its_neighbours_a
     with torch.no_grad():
         raw(**batch, skim=False, output_skim_details=True)
         output = model(**batch, skim=True, skim_threshold=0.5, output_skim_details=True)
-    masses, context = seen["raw"][1], seen["context"][1]  # (N, 2H), (N, 8H) over the same judged blocks
+    judged = output.block_logits[:, 0].abs().sum(dim=-1) > 0  # (B, K)
+    # In evaluation predictors read every block, row-major: (B * K, 2H) and (B * K, 8H); keep the judged ones.
+    masses, context = (seen[name][1][judged.flatten()] for name in ("raw", "context"))
     valid = batch["attention_mask"].bool()
     question = question_token_mask(batch["input_ids"], valid, SEP_TOKEN_ID["bert"])
-    judged = output.block_logits[:, 0].abs().sum(dim=-1) > 0  # (B, K)
     rows, blocks = judged.nonzero().unbind(1)
     tokens, questions = valid.sum(dim=1)[rows].float(), question.sum(dim=1)[rows].float()
     block_tokens = torch.stack(
@@ -469,6 +473,25 @@ def test_layers_after_a_skim_decision_receive_fewer_positions(device, dtype):
     assert seen_lengths[1] == int(output.block_keep_mask[:, 0].sum(dim=1).max()) * BLOCK_SIZE
     assert output.kept_token_counts[:, 0].tolist() == [96, 90, 80]
     assert (output.kept_token_counts[:, 1] < output.kept_token_counts[:, 0]).all()
+
+
+@pytest.mark.parametrize("predictor", PREDICTOR_KINDS.values(), ids=PREDICTOR_KINDS.keys())
+def test_skimming_waits_for_the_device_once_up_front_once_per_predictor_and_once_more_per_compaction(predictor):
+    # On a GPU each host synchronisation drains the launch queue. One read gives the used length, the question
+    # width and whether any row is padded; each predictor layer needs one (did it drop anything?), a compaction one
+    # more (the new length and whether any row has fillers). No `nonzero()` of the judged blocks at inference.
+    model = tiny_model("bert", num_hidden_layers=4, **predictor).eval()
+    predictor_layers = len(model.config.skim_layers)
+    batch = qa_batch("bert", lengths=(70, 52))
+    keep = torch.zeros(2, 9, dtype=torch.bool)
+    keep[:, ::2] = True
+    with torch.no_grad():
+        keep_all = count_host_syncs(lambda: model(**batch, skim=True, skim_threshold=0.0))
+        drop_once = count_host_syncs(lambda: model(**batch, skim=True, keep_blocks_override={0: keep}))
+        dropped = model(**batch, skim=True, keep_blocks_override={0: keep}, output_skim_details=True)
+        plain = count_host_syncs(lambda: model(**batch, skim=False))
+    assert (dropped.kept_token_counts[:, 1] < dropped.kept_token_counts[:, 0]).all()  # something was dropped
+    assert (keep_all, drop_once, plain) == (1 + predictor_layers, 2 + predictor_layers, 1)
 
 
 @pytest.mark.parametrize(("device", "dtype"), PLACEMENTS)

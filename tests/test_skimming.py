@@ -155,12 +155,12 @@ def test_compact_fillers_never_carry_protection_or_question_tokens():
     assert new.length == 8  # row 0 keeps all 8 tokens; row 1 holds 3 real tokens, then fillers
 
 
-def test_used_lengths_are_the_last_marked_position_of_each_mask_in_any_row():
+def test_used_lengths_are_the_last_marked_position_of_each_mask_in_any_row_with_the_first_masks_count():
     tokens = torch.tensor([[True, True, True, False, False], [True, True, False, False, False]])
     question = torch.tensor([[True, True, False, False, False], [True, False, False, False, False]])
-    assert used_lengths(tokens, question) == [3, 2]
-    assert used_lengths(torch.zeros(2, 5, dtype=torch.bool)) == [1]  # at least one position
-    assert used_lengths() == []
+    assert used_lengths(tokens, question) == ([3, 2], 5)  # 5 < 2 rows x 3: some row is padded before position 3
+    assert used_lengths(torch.zeros(2, 5, dtype=torch.bool)) == ([1], 0)  # at least one position
+    assert used_lengths(tokens[:, :2]) == ([2], 4)  # every row real up to its used length: no key mask needed
 
 
 def test_scatter_to_input_of_an_uncompacted_state_only_fills_padding_and_the_tail():

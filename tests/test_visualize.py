@@ -371,7 +371,7 @@ def test_summary_reports_the_models_token_counts_and_flops_saving(override_run, 
     assert counts == [171, 139, 75]
     assert decisions.kept_token_counts == counts
     assert [int(override_run.page.layer_counts[layer][1]) for layer in range(NUM_LAYERS)] == counts
-    assert decisions.flops == forward_flops(model.config, counts, predictors=True, protected_blocks=2)
+    assert decisions.flops == forward_flops(model.config, counts, predictors=True)
     assert decisions.full_flops == forward_flops(model.config, [171] * NUM_LAYERS, predictors=False)
     assert 0.2 < decisions.flops_saving < 0.3
     assert f"{100 * decisions.flops_saving:.1f}% saved" in override_run.html
