@@ -26,6 +26,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 BLOCKSKIM_ATTENTION = "blockskim"
 
+LOGSUMEXP_CHUNK_SCORES = 1 << 26
+"""Scores per chunk (256 MB of float32) when the row log-sum-exp is computed apart from the attention (off CPU)."""
+
 
 @dataclass
 class AttentionProbe:
@@ -95,12 +98,17 @@ def _eager_attention(
 
 
 def _cpu_flash_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None, scaling: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor | None, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The CPU flash-attention kernel behind SDPA, which also returns the row log-sum-exp; `None` off CPU."""
+    """The CPU flash-attention kernel behind SDPA, which also returns the row log-sum-exp; `None` off CPU.
+
+    `key_valid` (`(batch, length)`, or `None` when every key is real) becomes the additive key bias only when the
+    kernel runs: elsewhere the bias would be two kernels for nothing.
+    """
     fused = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if fused is None or query.device.type != "cpu":
         return None
+    bias = None if key_valid is None else _key_bias(key_valid, query.dtype)
     output, lse = fused(query, key, value, 0.0, False, attn_mask=bias, scale=scaling)
     return output, lse.float()
 
@@ -140,18 +148,17 @@ def _logsumexp_no_grad(
     query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     with torch.no_grad():
-        fused = _cpu_flash_attention(query, key, key, _key_bias(key_valid, query.dtype), scaling)
+        fused = _cpu_flash_attention(query, key, key, key_valid, scaling)
         if fused is not None:
             return fused[1]
         batch, heads, length, _ = query.shape
         bias = _key_bias(key_valid, torch.float32)  # (B, 1, 1, L)
-        rows = max(1, (1 << 26) // max(1, batch * heads * length))  # about 256 MB of float32 scores per chunk
-        keys = key.float().transpose(-1, -2)  # (B, H, d, L)
+        rows = max(1, LOGSUMEXP_CHUNK_SCORES // max(1, batch * heads * length))
+        keys = (key.float() * scaling).transpose(-1, -2)  # (B, H, d, L), scaled once rather than every chunk
         chunks = [
-            torch.logsumexp(torch.matmul(chunk.float(), keys) * scaling + bias, dim=-1)
-            for chunk in query.split(rows, dim=2)
+            torch.logsumexp(torch.matmul(chunk.float(), keys).add_(bias), dim=-1) for chunk in query.split(rows, dim=2)
         ]
-        return torch.cat(chunks, dim=2)
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
 
 
 def row_logsumexp(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -386,8 +393,8 @@ def blockskim_attention_forward(
         if probe.implementation == "sdpa" and not needs_grad and dropout == 0.0:
             # At inference the fused kernel yields the output and the log-sum-exp in one pass. Without an attention
             # mask every key is real, and a zero bias would change no bit of either, only cost two kernels.
-            bias = None if attention_mask is None else _key_bias(probe.key_valid, query.dtype)
-            fused = _cpu_flash_attention(query, key, value, bias, scaling)
+            key_valid = None if attention_mask is None else probe.key_valid
+            fused = _cpu_flash_attention(query, key, value, key_valid, scaling)
             if fused is not None:
                 output, lse = fused[0].transpose(1, 2).contiguous(), fused[1]
     if output is None and probe.implementation == "eager":

@@ -167,7 +167,8 @@ def used_lengths(*token_masks: torch.Tensor) -> tuple[list[int], int]:
     and one host synchronisation serves all of it: on a GPU each synchronisation stalls the launch queue.
     """
     positions = torch.arange(1, token_masks[0].shape[1] + 1, device=token_masks[0].device)  # (L,)
-    last = (torch.stack(token_masks) * positions).amax(dim=(1, 2))  # (masks,)
+    masks = torch.stack(token_masks) if len(token_masks) > 1 else token_masks[0][None]  # a view: no copy for one
+    last = (masks * positions).amax(dim=(1, 2))  # (masks,)
     *values, marked = torch.cat([last, token_masks[0].sum().reshape(1)]).tolist()
     return [max(value, 1) for value in values], marked
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from modeling_blockskim import attention_blockskim
 from modeling_blockskim.attention_blockskim import (
     AttentionProbe,
     JudgedBlocks,
@@ -197,6 +198,32 @@ def test_probe_without_judged_blocks_describes_every_slot_row_major():
             None,
             blockskim_probe=AttentionProbe("sdpa", block_size=8, key_valid=key_valid),
         )
+
+
+@pytest.mark.parametrize("chunk_scores", [1 << 26, 2 * 3 * 21 * 5], ids=["one-chunk", "chunks-of-5-rows"])
+def test_the_portable_path_a_gpu_takes_gives_the_same_probabilities_and_log_sum_exp(monkeypatch, chunk_scores):
+    # Off CPU there is no fused kernel returning the log-sum-exp: it is computed apart, in chunks of query rows.
+    query, key, value = _qkv(length=21)
+    key_valid = torch.ones(2, 21, dtype=torch.bool)
+    key_valid[1, 17:] = False
+    fused_lse = row_logsumexp(query, key, key_valid, 0.3)
+    fused = _probe(key_valid)
+    blockskim_attention_forward(
+        _Module(), query, key, value, key_valid[:, None, None, :], scaling=0.3, blockskim_probe=fused
+    )
+    monkeypatch.setattr(attention_blockskim, "_cpu_flash_attention", lambda *args: None)
+    monkeypatch.setattr(attention_blockskim, "LOGSUMEXP_CHUNK_SCORES", chunk_scores)
+    portable = _probe(key_valid)
+    output, _ = blockskim_attention_forward(
+        _Module(), query, key, value, key_valid[:, None, None, :], scaling=0.3, blockskim_probe=portable
+    )
+    lse = row_logsumexp(query, key, key_valid, 0.3)
+    scores = (query @ key.transpose(-1, -2) * 0.3).masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    torch.testing.assert_close(lse, scores.logsumexp(dim=-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, fused_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(portable.block_probs, fused.block_probs, atol=1e-6, rtol=1e-5)
+    attention = _reference_probabilities(query, key, key_valid, 0.3, zero_invalid_queries=False)
+    torch.testing.assert_close(output, (attention @ value).transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
 def test_block_probabilities_sum_to_at_most_one_per_row():
