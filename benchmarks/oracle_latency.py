@@ -61,6 +61,24 @@ SHAPES: dict[str, tuple[int, int, int, int]] = {
 }
 
 
+# The predictor kinds of BENCHMARKS.md: the paper's CNN of the diagonal attention block (the default), the linear
+# predictor of the block-question masses in context (models (d) and (e)), and the same with token matching ((f)).
+PREDICTORS: dict[str, dict[str, bool]] = {
+    "paper": {},
+    "question-context": {
+        "predictor_question_features": True,
+        "predictor_diagonal_block": False,
+        "predictor_block_context": True,
+    },
+    "token-matching": {
+        "predictor_question_features": True,
+        "predictor_diagonal_block": False,
+        "predictor_block_context": True,
+        "predictor_token_matching": True,
+    },
+}
+
+
 WINDOW_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions")
 
 
@@ -105,8 +123,11 @@ def load_windows(args: argparse.Namespace, tokenizer, count: int) -> dict[int, l
     return windows
 
 
-def make_models(shape: str, vocab_size: int, sep_token_id: int, block_size: int, dtype, device, seed: int):
-    """The random-weight stock model and two Block-Skim models sharing its backbone and span head."""
+def make_models(
+    shape: str, vocab_size: int, sep_token_id: int, block_size: int, dtype, device, seed: int, predictor: str = "paper"
+):
+    """The random-weight stock model and two Block-Skim models sharing its backbone and span head, with predictors
+    of the kind `predictor` (a key of `PREDICTORS`)."""
     hidden, layers, heads, intermediate = SHAPES[shape]
     torch.manual_seed(seed)
     config = BertConfig(
@@ -122,7 +143,7 @@ def make_models(shape: str, vocab_size: int, sep_token_id: int, block_size: int,
     models = {"vanilla": vanilla}
     for name, skim_layers in (("blockskim_first_layer", [0]), ("blockskim_all_layers", list(range(layers - 1)))):
         models[name] = BlockSkimForQuestionAnswering.from_backbone(
-            vanilla, block_size=block_size, skim_layers=skim_layers, sep_token_id=sep_token_id
+            vanilla, block_size=block_size, skim_layers=skim_layers, sep_token_id=sep_token_id, **PREDICTORS[predictor]
         )
     return {name: model.to(device=device, dtype=dtype).eval() for name, model in models.items()}
 
@@ -200,6 +221,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--batch1-windows", type=int, default=8, help="windows timed one by one at batch 1")
     parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument(
+        "--predictor", default="paper", choices=sorted(PREDICTORS), help="predictor kind (default: the paper's CNN)"
+    )
     parser.add_argument("--paragraphs", type=int, default=4, help="paragraphs joined per SQuAD-long context")
     parser.add_argument("--doc-stride", type=int, default=128)
     parser.add_argument("--max-questions", type=int, default=3000, help="seeded subset of questions to window")
@@ -221,7 +245,7 @@ def main() -> None:
     windows = load_windows(args, tokenizer, needed)
     rows = []
     for shape in args.shapes:
-        models = make_models(shape, len(tokenizer), sep, args.block_size, dtype, device, args.seed)
+        models = make_models(shape, len(tokenizer), sep, args.block_size, dtype, device, args.seed, args.predictor)
         for seq_len in args.seq_lens:
             for batch_size in args.batch_sizes:
                 groups = (
@@ -268,6 +292,7 @@ def main() -> None:
                 "variant": f"squad-long ({args.paragraphs} paragraphs), full windows holding the answer",
                 "weights": "random (timing only)",
                 "block_size": args.block_size,
+                "predictor": args.predictor,
                 "dtype": args.dtype,
                 "attention": "sdpa",
                 "pattern": "oracle blocks after the first predictor layer, all kept after later ones",

@@ -310,8 +310,10 @@ def oracle_latency_section(stem: str, table: dict[str, Any]) -> str:
     device = (
         environment.get("gpu") or f"CPU ({environment['cpu_count']} cores, {environment['torch_threads']} threads)"
     )
+    shapes = " and ".join(dict.fromkeys(row["shape"] for row in table["rows"]))
     lines = [
-        f"### Oracle keep pattern on BERT shapes: {device}, {setup['dtype']}, random weights",
+        f"### Oracle keep pattern on {shapes} shapes: {device}, {setup['dtype']}, random weights, "
+        f"{setup.get('predictor', 'paper')} predictors, blocks of {setup['block_size']}",
         f"Source: `benchmarks/results/{stem}.json`, command `{environment['command']}` (revision "
         f"`{environment['git_revision']}`, torch {environment['torch']}). {setup['variant']}; {setup['pattern']}; "
         f"ms per forward; batch 1 = the mean over {setup['batch1_windows']} windows run one by one, larger batches "
@@ -322,8 +324,9 @@ def oracle_latency_section(stem: str, table: dict[str, Any]) -> str:
         "first-layer / all layers; – where a run did not record them).",
     ]
     head = (
-        "| shape | tokens | batch | vanilla ms | ideal truncation ms (×) | Block-Skim, predictor after layer 1: "
-        "ms (×, efficiency) | Block-Skim, predictors after every layer: ms (×, efficiency) | FLOPs × | ops | syncs |"
+        "| shape | tokens | batch | vanilla ms | ideal truncation ms (×) | Block-Skim, predictor after the first "
+        "layer: ms (×, efficiency) | Block-Skim, predictors after every layer: ms (×, efficiency) | FLOPs × | ops | "
+        "syncs |"
     )
     rows = [head, "|" + "---|" * 10]
     for row in table["rows"]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure of BENCHMARKS.md in one run, in this order (each result is written as soon as it exists):
 #   1. the CUDA tests (`tests/test_modeling.py -m gpu`);
-#   2. the oracle-pattern latency table on BERT-base and BERT-large shapes, bf16 (`oracle_latency.py`);
+#   2. the oracle-pattern latency table on BERT-base and BERT-large shapes, bf16 (`oracle_latency.py`), with the
+#      paper's predictor (blocks of 32), then with the recommended one (block-question masses in context, blocks of 16);
 #   3. the two MiniLM models trained on the full SQuAD v1.1 training set for 2 epochs (`train_models.sh ... all 2`,
 #      side by side on the one GPU, batch 32, TF32), then their SQuAD benchmark on the full dev set in bf16
 #      (`squad.py`: accuracy, FLOPs, CUDA-event latency at batch 1 and 32).
@@ -23,6 +24,9 @@ source=(--dev-file "$dev")
 # shellcheck disable=SC2086  # ORACLE_ARGS is a list of arguments
 python "$here/benchmarks/oracle_latency.py" "${source[@]}" --tokenizer "$backbone" --dtype bfloat16 \
   ${ORACLE_ARGS:-} --output "$root/oracle_latency_gpu.json"
+# shellcheck disable=SC2086
+python "$here/benchmarks/oracle_latency.py" "${source[@]}" --tokenizer "$backbone" --dtype bfloat16 \
+  --predictor question-context --block-size 16 ${ORACLE_ARGS:-} --output "$root/oracle_latency_context_gpu.json"
 echo "== training (a) and (b) on the full training set, 2 epochs"
 COMMON_ARGS="--model_name_or_path $backbone --preprocessing_num_workers 6 --save_strategy no --logging_steps 100 \
 ${GPU_TRAIN_ARGS:---per_device_train_batch_size 32 --tf32 true}" STAGE_EPOCHS=0 \
