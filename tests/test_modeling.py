@@ -476,6 +476,30 @@ def test_layers_after_a_skim_decision_receive_fewer_positions(device, dtype):
 
 
 @pytest.mark.parametrize("predictor", PREDICTOR_KINDS.values(), ids=PREDICTOR_KINDS.keys())
+def test_judging_every_slot_at_inference_decides_as_judging_the_passage_blocks_alone(predictor):
+    # Evaluation runs a predictor on every slot and ignores the blocks it does not judge; a predictor in training
+    # mode gathers the judged blocks first. With its normalisations frozen the two must give the same decisions.
+    model = tiny_model("bert", num_hidden_layers=4, **predictor).eval()
+    batch = qa_batch("bert", lengths=(70, 52, 33))
+    outputs = {}
+    with torch.no_grad():
+        for mode in ("every slot", "judged blocks"):
+            if mode == "judged blocks":
+                for predictor_module in model.skim_predictors.values():
+                    predictor_module.train()
+                    for module in predictor_module.modules():
+                        if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                            module.eval()
+            outputs[mode] = model(**batch, skim=True, skim_threshold=0.5, output_skim_details=True)
+    every, judged = outputs["every slot"], outputs["judged blocks"]
+    assert (judged.block_logits != 0).any()
+    torch.testing.assert_close(every.block_logits, judged.block_logits, atol=1e-5, rtol=1e-4)
+    assert torch.equal(every.block_keep_mask, judged.block_keep_mask)
+    assert (every.kept_token_counts[:, -1] < every.kept_token_counts[:, 0]).any()  # the decisions dropped blocks
+    torch.testing.assert_close(every.start_logits, judged.start_logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("predictor", PREDICTOR_KINDS.values(), ids=PREDICTOR_KINDS.keys())
 def test_skimming_waits_for_the_device_once_up_front_once_per_predictor_and_once_more_per_compaction(predictor):
     # On a GPU each host synchronisation drains the launch queue. One read gives the used length, the question
     # width and whether any row is padded; each predictor layer needs one (did it drop anything?), a compaction one
