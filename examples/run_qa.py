@@ -94,6 +94,14 @@ class DataTrainingArguments:
         default=False, metadata={"help": "Pad every batch to max_seq_length (default: dynamic padding)."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N train examples."})
+    skip_train_samples: int = field(
+        default=0,
+        metadata={
+            "help": "Skip the first N train examples (after --train_subset_seed's shuffle) before "
+            "--max_train_samples takes its N: a later stage (e.g. --train_predictors_only) can then train on "
+            "questions the frozen backbone never saw, whose hidden states look like those of unseen test questions."
+        },
+    )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval examples."})
     train_subset_seed: int | None = field(
         default=None,
@@ -281,8 +289,12 @@ def resolve_skim_threshold(value: str | float | list | dict | None, model) -> fl
         raise ValueError(f"--skim_threshold: {error}") from None
 
 
-def select(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
-    return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
+def select(dataset: datasets.Dataset, limit: int | None, skip: int = 0) -> datasets.Dataset:
+    """The examples ``skip`` to ``skip + limit`` (all after ``skip`` when ``limit`` is None)."""
+    if skip < 0 or (skip > 0 and skip >= len(dataset)):
+        raise ValueError(f"--skip_train_samples {skip} leaves no example of {len(dataset)}.")
+    stop = len(dataset) if limit is None else min(skip + limit, len(dataset))
+    return dataset if (skip, stop) == (0, len(dataset)) else dataset.select(range(skip, stop))
 
 
 def main() -> dict[str, float]:
@@ -333,7 +345,7 @@ def main() -> dict[str, float]:
             train_examples = raw["train"]
             if data_args.train_subset_seed is not None:
                 train_examples = train_examples.shuffle(seed=data_args.train_subset_seed)
-            train_examples = select(train_examples, data_args.max_train_samples)
+            train_examples = select(train_examples, data_args.max_train_samples, data_args.skip_train_samples)
             train_features = train_examples.map(
                 prepare_train_features,
                 remove_columns=train_examples.column_names,

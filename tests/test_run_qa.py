@@ -254,3 +254,19 @@ def test_skim_threshold_flag_takes_one_tau_per_predictor_layer_lowest_first(monk
         run_qa.resolve_skim_threshold("0.2/high", model)
     vanilla = SimpleNamespace(config=SimpleNamespace())  # no predictors: nothing to skim with
     assert run_qa.resolve_skim_threshold("0.3", vanilla) is None
+
+
+def test_skipped_train_samples_give_a_subset_disjoint_from_the_first_one():
+    """A predictor-only stage on questions the backbone never saw: the same shuffle, the slice after the first N."""
+    import datasets
+
+    run_qa = _load_run_qa()
+    shuffled = datasets.Dataset.from_dict({"id": [str(i) for i in range(20)]}).shuffle(seed=42)
+    first = run_qa.select(shuffled, 7)["id"]
+    later = run_qa.select(shuffled, 9, skip=7)["id"]
+    assert later == shuffled["id"][7:16]
+    assert not set(first) & set(later)
+    assert run_qa.select(shuffled, None, skip=15)["id"] == shuffled["id"][15:]
+    assert run_qa.select(shuffled, 100, skip=15)["id"] == shuffled["id"][15:]
+    with pytest.raises(ValueError, match="--skip_train_samples 20 leaves no example of 20"):
+        run_qa.select(shuffled, 5, skip=20)
