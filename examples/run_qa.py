@@ -188,6 +188,13 @@ class BlockSkimArguments:
             "A cheap second stage on a Block-Skim checkpoint (or predictors added to a fine-tuned QA model)."
         },
     )
+    skim_targets: str = field(
+        default="answer",
+        metadata={
+            "help": "What the predictors learn to keep: 'answer' (the blocks holding the gold answer, the paper's "
+            "labels) or, with --train_predictors_only true, 'model' (the blocks the frozen model answers from)."
+        },
+    )
 
 
 def parse_arguments() -> tuple[ModelArguments, DataTrainingArguments, BlockSkimArguments, TrainingArguments]:
@@ -411,6 +418,7 @@ def main() -> dict[str, float]:
         skim_predictor_learning_rate=skim_args.skim_predictor_learning_rate,
         skim_threshold=resolve_skim_threshold(skim_args.skim_threshold, model),
         train_predictors_only=skim_args.train_predictors_only,
+        skim_targets=skim_args.skim_targets,
     )
 
     all_metrics: dict[str, float] = {}
@@ -475,6 +483,7 @@ def write_card(trainer: BlockSkimTrainer, model_args: ModelArguments, data_args:
             "max_seq_length": data_args.max_seq_length,
             "doc_stride": data_args.doc_stride,
             "predictors trained alone on the frozen model": trainer.train_predictors_only,
+            "predictor targets": trainer.skim_targets,
         },
     )
 

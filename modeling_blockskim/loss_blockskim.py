@@ -40,14 +40,16 @@ def skim_loss(
     """Class-weighted cross-entropy of the block predictions, combined over predictor layers.
 
     Each layer's term is the weighted mean over its labelled blocks (weight 1 for "skim", `balance_factor` for
-    "keep", as `torch.nn.CrossEntropyLoss(weight=...)` defines it). `reduction="sum"` adds the layer terms as the
-    paper does; `"mean"` averages them. A batch without labelled blocks contributes an exact zero that still
+    "keep", as `torch.nn.CrossEntropyLoss(weight=...)` defines it). Targets may also be soft, a probability `t` of
+    "keep" per block (`span_block_targets`): the block then counts `balance_factor * t` times as "keep" and `1 - t`
+    times as "skim", which for `t` in {0, 1} is exactly the hard-label loss. `reduction="sum"` adds the layer terms
+    as the paper does; `"mean"` averages them. A batch without labelled blocks contributes an exact zero that still
     touches every predictor output, so data-parallel training never sees unused parameters.
 
     Args:
         block_logits (`torch.Tensor` of shape `(batch, layers, blocks, 2)`): (skim, keep) logits per predictor layer.
-        block_labels (`torch.LongTensor` of shape `(batch, blocks)` or `(batch, layers, blocks)`): 1 keep, 0 skim,
-            -100 ignored.
+        block_labels (`torch.Tensor` of shape `(batch, blocks)` or `(batch, layers, blocks)`): integer labels (1 keep,
+            0 skim) or float probabilities of "keep"; -100 ignored.
         balance_factor (`float`): beta.
         reduction (`"sum"` or `"mean"`).
 
@@ -56,15 +58,45 @@ def skim_loss(
     """
     batch, layers, blocks, _ = block_logits.shape
     labels = block_labels if block_labels.dim() == 3 else block_labels[:, None, :].expand(batch, layers, blocks)
-    class_weight = torch.tensor([1.0, balance_factor], device=block_logits.device)
-    losses = nn.functional.cross_entropy(
-        block_logits.float().reshape(-1, 2),
-        labels.reshape(-1),
-        weight=class_weight,
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(batch, layers, blocks)
-    target_weight = class_weight[labels.clamp(min=0)] * (labels != IGNORE_INDEX)  # (B, P, K)
-    per_layer = losses.sum(dim=(0, 2)) / target_weight.sum(dim=(0, 2)).clamp(min=torch.finfo(torch.float32).tiny)
+    labelled = labels != IGNORE_INDEX  # (B, P, K)
+    keep = labels.float().clamp(min=0.0) * labelled  # (B, P, K), in [0, 1]
+    keep_weight, skim_weight = balance_factor * keep, (1.0 - keep) * labelled
+    log_probs = nn.functional.log_softmax(block_logits.float(), dim=-1)  # (B, P, K, 2)
+    losses = -(skim_weight * log_probs[..., 0] + keep_weight * log_probs[..., 1])
+    target_weight = (skim_weight + keep_weight).sum(dim=(0, 2))  # (P,)
+    per_layer = losses.sum(dim=(0, 2)) / target_weight.clamp(min=torch.finfo(torch.float32).tiny)
     combined = per_layer.sum() if reduction == "sum" else per_layer.mean()
     return combined + 0.0 * block_logits.sum()
+
+
+def span_block_targets(
+    start_logits: torch.Tensor,
+    end_logits: torch.Tensor,
+    token_valid: torch.Tensor,
+    block_labels: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """Soft skim targets from the model's own answer: how likely its span head is to start or end in each block.
+
+    Skimming costs F1 only where it removes the block the full model would have answered from; a gold answer block
+    on a question the model gets wrong anyway costs nothing to lose, and a block the model (rightly or wrongly)
+    answers from costs its whole answer. So a predictor trained on a frozen model may learn to keep the blocks that
+    model reads its answer from: per block, the larger of the probability masses the start and the end
+    distributions (softmax over the window's real tokens) put on its tokens. The gold answer does not enter them.
+
+    Args:
+        start_logits, end_logits (`torch.Tensor` of shape `(batch, length)`): the model's span logits, not skimmed.
+        token_valid (`torch.Tensor` of shape `(batch, length)`): real tokens (the attention mask).
+        block_labels (`torch.LongTensor` of shape `(batch, blocks)`): `answer_block_labels` of the same windows; the
+            blocks it ignores (-100: [CLS], question, separators, padding) are ignored here too.
+        block_size (`int`).
+
+    Returns:
+        `torch.Tensor` of shape `(batch, blocks)`, float32: P(keep) targets in [0, 1], -100 where ignored.
+    """
+    length, blocks = start_logits.shape[1], block_labels.shape[1]
+    logits = torch.stack([start_logits, end_logits]).float()  # (2, B, L)
+    probs = logits.masked_fill(~token_valid.bool(), float("-inf")).softmax(dim=-1)
+    probs = nn.functional.pad(probs, (0, blocks * block_size - length))  # (2, B, K * bs)
+    mass = probs.unflatten(-1, (blocks, block_size)).sum(dim=-1).amax(dim=0)  # (B, K)
+    return mass.clamp(max=1.0).masked_fill(block_labels == IGNORE_INDEX, IGNORE_INDEX)

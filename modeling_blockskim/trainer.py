@@ -21,7 +21,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from datasets import Dataset
@@ -31,10 +31,12 @@ from transformers.trainer_utils import PredictionOutput, speed_metrics
 
 from .configuration_blockskim import layer_thresholds
 from .flops import forward_flops
+from .loss_blockskim import skim_loss, span_block_targets
 from .model_card import write_model_card
 from .skimming_blockskim import IGNORE_INDEX
 
 PREDICTOR_PREFIX = "skim_predictors."
+SKIM_TARGETS = ("answer", "model")
 
 PostProcessFunction = Callable[[Dataset, Dataset, Any, Any], tuple[list[dict], list[dict]]]
 """(examples, features, start_logits, end_logits) -> (predictions, references) in the SQuAD metric's format."""
@@ -69,6 +71,10 @@ class BlockSkimTrainer(Trainer):
             they will judge, and the loss is the skim loss alone. Each step costs about a forward pass, so several
             epochs are cheap next to joint training, whose few steps leave the new predictors under-trained. The
             QA answers of the model without skimming do not change.
+        skim_targets (`"answer"` or `"model"`, defaults to `"answer"`): what the predictors learn to keep. `"answer"`:
+            the blocks holding the gold answer (the paper's labels). `"model"`, only with `train_predictors_only`:
+            the blocks the frozen model itself answers from (`loss_blockskim.span_block_targets`, soft), since
+            skimming costs F1 only where it removes those.
         All other arguments are those of `transformers.Trainer`; `compute_metrics` receives
         `EvalPrediction(predictions=answers, label_ids=references)` after post-processing.
     """
@@ -84,9 +90,17 @@ class BlockSkimTrainer(Trainer):
         skim_threshold: float | Mapping[int, float] | None = None,
         skim_predictor_learning_rate: float | None = None,
         train_predictors_only: bool = False,
+        skim_targets: Literal["answer", "model"] = "answer",
         **kwargs,
     ):
         model = kwargs.get("model", args[0] if args else None)
+        if skim_targets not in SKIM_TARGETS:
+            raise ValueError(f"skim_targets={skim_targets!r} is not one of {list(SKIM_TARGETS)}.")
+        if skim_targets == "model" and not train_predictors_only:
+            raise ValueError(
+                "skim_targets='model' needs train_predictors_only=True: the model's own answers are a fixed target "
+                "only while the model is frozen."
+            )
         if train_predictors_only:
             if len(getattr(model, "skim_predictors", ())) == 0:
                 raise ValueError("train_predictors_only=True needs a Block-Skim model with skim predictors.")
@@ -95,6 +109,7 @@ class BlockSkimTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.skim_predictor_learning_rate = skim_predictor_learning_rate
         self.train_predictors_only = train_predictors_only
+        self.skim_targets = skim_targets
         self.eval_examples = eval_examples
         self.post_process_function = post_process_function
         if self._is_block_skim:
@@ -147,10 +162,19 @@ class BlockSkimTrainer(Trainer):
         if model.training and self.train_predictors_only:
             _frozen_parts_to_eval(self.accelerator.unwrap_model(model))
         outputs = model(**inputs, output_skim_details=True)
+        predictor_loss = outputs.skim_loss
+        if model.training and self.skim_targets == "model":
+            config = self.accelerator.unwrap_model(model).config
+            token_valid = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
+            span = outputs.start_logits.detach(), outputs.end_logits.detach()
+            targets = span_block_targets(*span, token_valid, outputs.block_labels, config.block_size)
+            predictor_loss = skim_loss(
+                outputs.block_logits, targets, config.balance_factor, config.skim_loss_reduction
+            )
         if model.training:
             self._loss_parts["qa_loss"].append(outputs.qa_loss.detach())
-            self._loss_parts["skim_loss"].append(outputs.skim_loss.detach())
-        loss = outputs.skim_loss if self.train_predictors_only and model.training else outputs.loss
+            self._loss_parts["skim_loss"].append(predictor_loss.detach())
+        loss = predictor_loss if self.train_predictors_only and model.training else outputs.loss
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
 from modeling_blockskim.flops import forward_flops
-from modeling_blockskim.loss_blockskim import skim_loss
+from modeling_blockskim.loss_blockskim import skim_loss, span_block_targets
 from modeling_blockskim.trainer import BlockSkimTrainer
 
 from .testing_utils import qa_batch, tiny_model
@@ -94,6 +96,46 @@ def test_skim_loss_sums_layers_by_default_and_averages_on_request():
     assert skim_loss(logits, labels, 20.0, "mean").item() == pytest.approx(0.6931472)
 
 
+def test_soft_targets_of_zero_and_one_give_exactly_the_hard_label_loss():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 2, 5, 2, generator=generator)
+    labels = torch.randint(0, 2, (3, 5), generator=generator)
+    labels[0, 0] = labels[2, 4] = -100
+    weighted = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 2),
+        labels[:, None, :].expand(3, 2, 5).reshape(-1),
+        weight=torch.tensor([1.0, 20.0]),
+        ignore_index=-100,
+        reduction="none",
+    ).view(3, 2, 5)
+    kept_weight = torch.where(labels == 1, 20.0, 1.0) * (labels != -100)  # (3, 5)
+    expected = (weighted.sum(dim=(0, 2)) / kept_weight.sum()).sum()
+    assert skim_loss(logits, labels, 20.0).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert skim_loss(logits, labels.float(), 20.0).item() == skim_loss(logits, labels, 20.0).item()
+
+
+def test_a_soft_target_counts_beta_times_its_probability_as_keep_and_the_rest_as_skim():
+    logits = torch.tensor([[[[0.0, math.log(3.0)], [0.0, 0.0]]]])  # P(keep) = 0.75, then 0.5
+    targets = torch.tensor([[0.5, -100.0]])  # the second block is ignored
+    beta = 2.0
+    expected = -(0.5 * math.log(0.25) + beta * 0.5 * math.log(0.75)) / (0.5 + beta * 0.5)
+    assert skim_loss(logits, targets, beta).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_span_block_targets_are_the_larger_of_the_start_and_end_mass_in_each_block():
+    # Blocks of 4: block 0 is the question (ignored), blocks 1 and 2 passage, block 3 only padding.
+    start_logits = torch.full((1, 14), -1e4)
+    end_logits = torch.full((1, 14), -1e4)
+    start_logits[0, 5] = 0.0  # every start in block 1
+    end_logits[0, [6, 9]] = 0.0  # ends split between blocks 1 and 2
+    start_logits[0, 12:] = end_logits[0, 12:] = 50.0  # padding: masked, never counts
+    token_valid = torch.ones(1, 14, dtype=torch.bool)
+    token_valid[0, 12:] = False
+    labels = torch.tensor([[-100, 0, 1, -100]])  # the gold answer does not matter, only which blocks are labelled
+    targets = span_block_targets(start_logits, end_logits, token_valid, labels, block_size=4)
+    torch.testing.assert_close(targets, torch.tensor([[-100.0, 1.0, 0.5, -100.0]]))
+
+
 class _CountSteps(TrainerCallback):
     def __init__(self):
         self.steps = []
@@ -155,6 +197,43 @@ def test_training_predictors_only_changes_the_predictors_and_nothing_else(tmp_pa
     for entry in logs:  # the optimised loss is the skim loss alone
         assert entry["loss"] == pytest.approx(entry["skim_loss"], rel=1e-4)
     assert logs[-1]["skim_loss"] < logs[0]["skim_loss"]
+
+
+def test_predictors_trained_on_the_models_own_answers_optimise_the_loss_of_its_span_targets(tmp_path):
+    model = tiny_model("bert").train()
+    features = _features()
+    trainer = BlockSkimTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=12, logging_steps=4),
+        train_dataset=features,
+        train_predictors_only=True,
+        skim_targets="model",
+    )
+    batch = {name: torch.tensor(values) for name, values in features[:4].items()}
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+        output = model(**batch, output_skim_details=True)
+    targets = span_block_targets(
+        output.start_logits, output.end_logits, batch["attention_mask"], output.block_labels, model.config.block_size
+    )
+    assert ((targets > 0) & (targets < 1)).any()  # soft, not the gold labels
+    torch.testing.assert_close(loss, skim_loss(output.block_logits, targets, model.config.balance_factor))
+    assert not torch.allclose(loss, output.skim_loss)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "skim_loss" in entry]
+    assert logs[-1]["skim_loss"] < logs[0]["skim_loss"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"skim_targets": "model"}, "needs train_predictors_only=True"),
+        ({"skim_targets": "gold", "train_predictors_only": True}, "skim_targets='gold' is not one of"),
+    ],
+)
+def test_model_targets_need_a_frozen_model_and_unknown_targets_are_refused(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        BlockSkimTrainer(model=tiny_model("bert"), args=_args(tmp_path), **settings)
 
 
 def test_training_predictors_only_is_refused_for_a_model_without_predictors(tmp_path):
