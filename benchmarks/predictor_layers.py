@@ -4,7 +4,11 @@ Every predictor is an independent head trained jointly, so a model trained with 
 skim with any subset of them (the others are left out at load time). Fewer predictor layers cost less per forward
 (on a 6-layer MiniLM each one adds a few percent of a layer's time at batch 1), more of them skim more tokens. This
 script measures the trade-off on a seeded subset of the questions, without timing, so the recommended setting is
-chosen on evidence and then timed by `benchmarks/squad.py --skim-layers ...` on the full dev set:
+chosen on evidence and then timed by `benchmarks/squad.py --skim-layers ...` on the full dev set.
+
+Each row also splits its F1 change against the same model without skimming by where it comes from
+(`f1_change_by_answer_survival`): questions whose unskimmed answer was cut away (a predictor miss) and questions
+whose unskimmed answer survived but changed anyway (the later layers read a shorter context):
 
     python benchmarks/predictor_layers.py --vanilla models/vanilla --blockskim models/blockskim \
         --dev-file data/squad/dev-v1.1.json.gz --max-questions 1000 \
@@ -15,11 +19,14 @@ chosen on evidence and then timed by `benchmarks/squad.py --skim-layers ...` on 
 from __future__ import annotations
 
 import argparse
+from collections import defaultdict
 from pathlib import Path
 
+import datasets
 import torch
 from squad import (
     THRESHOLDS_HELP,
+    Pass,
     flops_per_feature,
     layer_thresholds,
     load_blockskim,
@@ -33,8 +40,11 @@ from squad import (
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from modeling_blockskim.benchmarking import atomic_write_json, environment
+from modeling_blockskim.data import postprocess_qa_predictions
 from modeling_blockskim.flops import forward_flops
 from modeling_blockskim.metrics import load_squad_metric
+from modeling_blockskim.metrics.squad_blockskim.squad_blockskim import f1_score
+from modeling_blockskim.modeling_blockskim import SKIMMED_LOGIT
 
 
 def parse_args() -> argparse.Namespace:
@@ -61,6 +71,58 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def question_f1(examples: datasets.Dataset, features: datasets.Dataset, result: Pass) -> tuple[dict, dict]:
+    """Per question: the F1 of the pass's answer (best over the gold answers), and its best span (`n_best[0]`)."""
+    decoded = postprocess_qa_predictions(examples, features, result.start_logits, result.end_logits)
+    golds = {reference["id"]: reference["answers"]["text"] for reference in decoded.references}
+    f1 = {
+        prediction["id"]: max(f1_score(prediction["prediction_text"], gold) for gold in golds[prediction["id"]])
+        for prediction in decoded.predictions
+    }
+    return f1, {example_id: answers[0] for example_id, answers in decoded.n_best.items() if answers}
+
+
+def answer_survived(features: datasets.Dataset, best: dict[str, dict], skimmed: Pass) -> dict[str, bool]:
+    """Per question: does some window still hold every token of the unskimmed answer span after skimming?
+
+    A token was kept when its skimmed start logit is not `SKIMMED_LOGIT`; the span's tokens are those of a window
+    whose context offsets overlap its characters, and the window must cover the whole span.
+    """
+    windows = defaultdict(list)
+    for index, example_id in enumerate(features["example_id"]):
+        windows[example_id].append(index)
+    offsets = features["offset_mapping"]
+    survived = {}
+    for example_id, answer in best.items():
+        start, end = answer["start"], answer["end"]
+        survived[example_id] = False
+        for index in windows[example_id]:
+            tokens = [t for t, o in enumerate(offsets[index]) if o is not None and o[0] < end and o[1] > start]
+            if not tokens or offsets[index][tokens[0]][0] > start or offsets[index][tokens[-1]][1] < end:
+                continue
+            if bool((skimmed.start_logits[index][tokens] > SKIMMED_LOGIT).all()):
+                survived[example_id] = True
+                break
+    return survived
+
+
+def f1_change_by_answer_survival(
+    unskimmed_f1: dict[str, float], survived: dict[str, bool], skimmed_f1: dict[str, float]
+) -> dict[str, float]:
+    """Skimming's F1 change (points over all questions), split between questions whose unskimmed answer span was
+    cut away and those where it survived; the two parts add up to the whole change."""
+    total = len(unskimmed_f1)
+    parts = {True: 0.0, False: 0.0}
+    for example_id, before in unskimmed_f1.items():
+        parts[survived.get(example_id, False)] += skimmed_f1[example_id] - before
+    cut = sum(not survived.get(example_id, False) for example_id in unskimmed_f1)
+    return {
+        "questions_answer_cut": cut,
+        "f1_change_answer_cut": 100.0 * parts[False] / total,
+        "f1_change_answer_kept": 100.0 * parts[True] / total,
+    }
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device("cpu")
@@ -77,6 +139,10 @@ def main() -> None:
     pad = tokenizer.pad_token_id
     baseline = run_pass(vanilla, features, args.eval_batch_size, pad, device, {}, "vanilla")
     rows = {"vanilla": score(examples, features, baseline, metric)}
+    # Predictors never change the answers without skimming: one pass serves every layer set.
+    unskimmed = run_pass(models[0], features, args.eval_batch_size, pad, device, {"skim": False}, "no skimming")
+    rows["blockskim_no_skim"] = score(examples, features, unskimmed, metric)
+    unskimmed_f1, unskimmed_best = question_f1(examples, features, unskimmed)
     for layers, model in zip(layer_sets, models, strict=True):
         config = model.config
         questions = question_lengths(features, config.sep_token_id)
@@ -89,14 +155,22 @@ def main() -> None:
                 model, features, args.eval_batch_size, pad, device, {"skim": True, "skim_threshold": threshold}, name
             )
             flops = sum(flops_per_feature(config, result.processed, True, questions))
+            skimmed_f1, _ = question_f1(examples, features, result)
+            survived = answer_survived(features, unskimmed_best, result)
             rows[name] = {
                 **score(examples, features, result, metric),
+                **f1_change_by_answer_survival(unskimmed_f1, survived, skimmed_f1),
                 "skim_layers": layers,
                 "threshold": tau if isinstance(tau, float) else list(tau),
                 "flops_speedup_vs_dynamic": dynamic / flops,
                 "flops_speedup_vs_padded": padded * len(lengths) / flops,
             }
-            print(f"{name:>28}: F1 {rows[name]['f1']:.2f}  FLOPs x{rows[name]['flops_speedup_vs_dynamic']:.2f}")
+            row = rows[name]
+            print(
+                f"{name:>28}: F1 {row['f1']:.2f}  FLOPs x{row['flops_speedup_vs_dynamic']:.2f}  "
+                f"answer cut {row['questions_answer_cut']} (F1 {row['f1_change_answer_cut']:+.2f}), "
+                f"kept (F1 {row['f1_change_answer_kept']:+.2f})"
+            )
     atomic_write_json(
         args.output,
         {

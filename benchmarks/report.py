@@ -219,27 +219,47 @@ def _tau(threshold: float | list[float]) -> str:
 
 
 def layer_sweep_section(stem: str, sweep: dict[str, Any]) -> str:
-    """The (predictor layers, tau) sweep of `benchmarks/predictor_layers.py`: accuracy against FLOPs."""
+    """The (predictor layers, tau) sweep of `benchmarks/predictor_layers.py`: accuracy against FLOPs, and (in files
+    that record it) where the F1 change against the model without skimming comes from."""
     setup, rows = sweep["setup"], sweep["rows"]
     vanilla = rows["vanilla"]
+    unskimmed = rows.get("blockskim_no_skim")
     # The checkpoint's path tells apart sweeps of two checkpoints whose predictors are of one kind.
     checkpoint = f"model `{setup['blockskim']}`"
     model = f"{_predictor(sweep)}, {checkpoint}" if "predictor_diagonal_block" in setup else checkpoint
+    header = "| predictor layers | τ | EM | F1 | F1 − vanilla | FLOPs × vs dynamic | FLOPs × vs padded |"
+    source = (
+        f"Source: `benchmarks/results/{stem}.json`, command `{sweep['environment']['command']}`. Vanilla on the same "
+        f"questions: EM {vanilla['exact_match']:.2f}, F1 {vanilla['f1']:.2f}."
+    )
+    if unskimmed is not None:
+        header += " answer cut: questions, F1 change | answer kept: F1 change |"
+        source += (
+            f" Block-Skim without skimming: EM {unskimmed['exact_match']:.2f}, F1 {unskimmed['f1']:.2f}. *Answer "
+            "cut*: questions whose answer without skimming lost a token to skimming, and their share of the F1 "
+            "change against the model without skimming; *answer kept*: the share of the other questions."
+        )
     lines = [
         f"### Choice of predictor layers and τ, {model} ({setup['max_questions']} seeded dev questions, "
         f"max_seq_length {setup['max_seq_length']}, no timing)",
-        f"Source: `benchmarks/results/{stem}.json`, command `{sweep['environment']['command']}`. Vanilla on the same "
-        f"questions: EM {vanilla['exact_match']:.2f}, F1 {vanilla['f1']:.2f}.",
-        "| predictor layers | τ | EM | F1 | F1 − vanilla | FLOPs × vs dynamic | FLOPs × vs padded |\n"
-        "|---|---|---|---|---|---|---|",
+        source,
+        header + "\n" + "|---" * header.count(" | ") + "|---|",
     ]
-    table = [
-        f"| {', '.join(map(str, row['skim_layers']))} | {_tau(row['threshold'])} | {row['exact_match']:.2f} | "
-        f"{row['f1']:.2f} | {row['f1'] - vanilla['f1']:+.2f} | {row['flops_speedup_vs_dynamic']:.2f} | "
-        f"{row['flops_speedup_vs_padded']:.2f} |"
-        for name, row in rows.items()
-        if name != "vanilla"
-    ]
+    table = []
+    for name, row in rows.items():
+        if name in ("vanilla", "blockskim_no_skim"):
+            continue
+        cells = (
+            f"| {', '.join(map(str, row['skim_layers']))} | {_tau(row['threshold'])} | {row['exact_match']:.2f} | "
+            f"{row['f1']:.2f} | {row['f1'] - vanilla['f1']:+.2f} | {row['flops_speedup_vs_dynamic']:.2f} | "
+            f"{row['flops_speedup_vs_padded']:.2f} |"
+        )
+        if unskimmed is not None:
+            cells += (
+                f" {row['questions_answer_cut']}, {row['f1_change_answer_cut']:+.2f} | "
+                f"{row['f1_change_answer_kept']:+.2f} |"
+            )
+        table.append(cells)
     lines[-1] += "\n" + "\n".join(table)
     return "\n\n".join(lines)
 

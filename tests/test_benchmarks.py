@@ -165,7 +165,23 @@ def test_predictor_layer_sweep_scores_every_layer_set_and_threshold(tiny_models,
         *("--max-questions", "6", "--layer-sets", "0,1", "1", "--thresholds", "0", "1", "--output", str(output)),
     )
     rows = sweep["rows"]
-    assert list(rows) == ["vanilla", "layers=0,1 tau=0", "layers=0,1 tau=1", "layers=1 tau=0", "layers=1 tau=1"]
+    assert list(rows) == [
+        "vanilla",
+        "blockskim_no_skim",
+        "layers=0,1 tau=0",
+        "layers=0,1 tau=1",
+        "layers=1 tau=0",
+        "layers=1 tau=1",
+    ]
+    # Where the F1 change comes from: tau = 0 cuts no answer and changes nothing; tau = 1 leaves no passage token, so
+    # every question's answer is cut and the whole change is theirs.
+    unskimmed_f1 = rows["blockskim_no_skim"]["f1"]
+    assert (rows["layers=1 tau=0"]["questions_answer_cut"], rows["layers=1 tau=0"]["f1"]) == (0, unskimmed_f1)
+    assert rows["layers=1 tau=0"]["f1_change_answer_cut"] == rows["layers=1 tau=0"]["f1_change_answer_kept"] == 0
+    everything_cut = rows["layers=1 tau=1"]
+    assert everything_cut["questions_answer_cut"] == 6
+    assert everything_cut["f1_change_answer_kept"] == 0
+    assert everything_cut["f1_change_answer_cut"] == pytest.approx(everything_cut["f1"] - unskimmed_f1)
     # tau = 0 keeps every block: the predictors only add FLOPs, and fewer of them add less.
     assert (
         rows["layers=0,1 tau=0"]["flops_speedup_vs_dynamic"] < rows["layers=1 tau=0"]["flops_speedup_vs_dynamic"] < 1
@@ -183,7 +199,9 @@ def test_predictor_layer_sweep_scores_every_layer_set_and_threshold(tiny_models,
     assert f"blocks of {block_size} tokens, model `{blockskim}` (" in section.splitlines()[0]
     row = rows["layers=1 tau=1"]
     assert (
-        f"| 1 | 1 | {row['exact_match']:.2f} | {row['f1']:.2f} | {row['f1'] - rows['vanilla']['f1']:+.2f} |" in section
+        f"| 1 | 1 | {row['exact_match']:.2f} | {row['f1']:.2f} | {row['f1'] - rows['vanilla']['f1']:+.2f} | "
+        f"{row['flops_speedup_vs_dynamic']:.2f} | {row['flops_speedup_vs_padded']:.2f} | "
+        f"6, {row['f1_change_answer_cut']:+.2f} | +0.00 |" in section
     )
 
 
