@@ -184,6 +184,7 @@ def main() -> None:
                 "predictor_diagonal_block": models[0].config.predictor_diagonal_block,
                 "predictor_block_context": models[0].config.predictor_block_context,
                 "predictor_token_matching": models[0].config.predictor_token_matching,
+                "predictor_hidden_size": models[0].config.predictor_hidden_size,
             },
             "environment": environment(device),
             "rows": rows,

@@ -52,6 +52,8 @@ def _predictor(result: dict[str, Any]) -> str:
             kind += ", in context (log-ratios, neighbouring blocks, gap to the best block)"
         if setup.get("predictor_token_matching", False):
             kind += ", with token matching on the hidden states"
+        if setup.get("predictor_hidden_size"):
+            kind = kind.replace("linear predictors", f"predictors with {setup['predictor_hidden_size']} hidden units")
     elif setup.get("predictor_question_features", False):
         kind = "predictors read the diagonal attention square and the block-question attention"
     else:

@@ -605,6 +605,7 @@ def main() -> None:
             "predictor_diagonal_block": config.predictor_diagonal_block,
             "predictor_block_context": config.predictor_block_context,
             "predictor_token_matching": config.predictor_token_matching,
+            "predictor_hidden_size": config.predictor_hidden_size,
             "joint_training": args.joint_training,
             "dtype": args.dtype,
             "timing_windows": len(sample),

@@ -174,6 +174,13 @@ class BlockSkimArguments:
             "question's on the predictor layer's hidden states (learned matching heads and token overlap)."
         },
     )
+    predictor_hidden_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Predictors get one hidden layer of this many GELU units before their two logits (default: the "
+            "paper's linear classifier)."
+        },
+    )
     new_skim_predictors: bool = field(
         default=False,
         metadata={
@@ -274,6 +281,7 @@ def load_model(model_args: ModelArguments, skim_args: BlockSkimArguments):
             predictor_diagonal_block=skim_args.predictor_diagonal_block,
             predictor_block_context=skim_args.predictor_block_context,
             predictor_token_matching=skim_args.predictor_token_matching,
+            predictor_hidden_size=skim_args.predictor_hidden_size,
             **hub_kwargs,
         )
     return AutoModelForQuestionAnswering.from_pretrained(

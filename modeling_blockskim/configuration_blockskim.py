@@ -161,6 +161,12 @@ class BlockSkimConfig(PretrainedConfig):
             blocks at the same answer-block recall (BENCHMARKS.md, *Predictor probes*). Costs two small
             projections of the layer's hidden states and one question-by-sequence product per predictor layer.
             Not in the paper.
+        predictor_hidden_size (`int`, *optional*):
+            Give each predictor one hidden layer of this many GELU units between its features and its two logits,
+            instead of the paper's single linear layer, so that it can weigh features against each other (a strong
+            match matters more next to a weak neighbour, say). Costs two small matrix products per predictor call
+            (`features x hidden + hidden x 2` multiply-adds per block). `None` (default) keeps the linear layer. Not
+            in the paper.
         sep_token_id (`int`, *optional*):
             Id of the separator token. Everything up to the first run of separators (the [CLS] token and the
             question) and every separator are protected from skimming. Defaults to the separator of the backbone's
@@ -201,6 +207,7 @@ class BlockSkimConfig(PretrainedConfig):
     predictor_diagonal_block: bool = True
     predictor_block_context: bool = False
     predictor_token_matching: bool = False
+    predictor_hidden_size: int | None = None
     sep_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
@@ -280,6 +287,12 @@ class BlockSkimConfig(PretrainedConfig):
             raise ValueError(
                 "predictor_token_matching=True needs predictor_question_features=True: the matcher compares the "
                 "block with the question tokens those features track."
+            )
+        hidden = self.predictor_hidden_size
+        if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
+            raise ValueError(
+                f"predictor_hidden_size={hidden!r} is out of range: allowed a positive int, or None for the linear "
+                "classifier."
             )
         vocab_size = self.backbone_config.vocab_size
         if not isinstance(self.sep_token_id, int) or not 0 <= self.sep_token_id < vocab_size:

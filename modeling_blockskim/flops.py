@@ -56,16 +56,18 @@ def predictor_flops(
     diagonal_block: bool = True,
     block_context: bool = False,
     token_matches: int = 0,
+    hidden_size: int | None = None,
 ) -> int:
     """FLOPs of the skim predictor classifying `blocks` blocks: two 3x3 convolutions (with `diagonal_block`) and
-    the linear layer, which reads the CNN's features and/or the 2 x heads question masses (8 x heads in context;
+    the classifier, which reads the CNN's features and/or the 2 x heads question masses (8 x heads in context;
     the context's own element-wise arithmetic is not counted, like the softmax and normalisations elsewhere) and
-    `token_matches` features of a `TokenMatcher` (computed apart: `token_matcher_flops`)."""
+    `token_matches` features of a `TokenMatcher` (computed apart: `token_matcher_flops`): one linear layer, or with
+    `hidden_size` a hidden layer of that many units and the output layer."""
     bs, heads = block_size, num_heads
     convolutions = 2 * blocks * heads * heads * 9 * (bs * bs + (bs // 2) ** 2) if diagonal_block else 0
     question = (8 if block_context else 2) * heads if question_features else 0
     inputs = (heads * (bs // 4) ** 2 if diagonal_block else 0) + question + token_matches
-    classifier = 2 * blocks * inputs * 2
+    classifier = 2 * blocks * (inputs * hidden_size + hidden_size * 2 if hidden_size else inputs * 2)
     return convolutions + classifier
 
 
@@ -121,6 +123,7 @@ def forward_flops(
                 config.predictor_diagonal_block,
                 config.predictor_block_context,
                 matches,
+                config.predictor_hidden_size,
             )
             if matches:
                 total += token_matcher_flops(tokens_per_layer[layer], question_tokens, slots, backbone.hidden_size)

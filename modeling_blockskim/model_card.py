@@ -306,12 +306,14 @@ def _architecture(config: BlockSkimConfig, base_model: str | None) -> str:
 def _predictor_inputs(config: BlockSkimConfig) -> str:
     if not config.predictor_diagonal_block:
         context = ", in context of the neighbouring and best blocks" if config.predictor_block_context else ""
+        hidden = config.predictor_hidden_size
+        classifier = f"one hidden layer of {hidden} units" if hidden else "a linear classifier"
         if config.predictor_token_matching:
             return (
                 f"the block-question attention masses{context} and token matches of the block against the question "
-                "on the layer's hidden states (a linear classifier, no CNN)"
+                f"on the layer's hidden states ({classifier}, no CNN)"
             )
-        return f"only the block-question attention masses{context} (a linear classifier, no CNN)"
+        return f"only the block-question attention masses{context} ({classifier}, no CNN)"
     if config.predictor_question_features:
         return "the diagonal attention square (CNN) and the block-question attention masses"
     return "the diagonal attention square (the paper's CNN)"

@@ -150,6 +150,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
                     config.predictor_diagonal_block,
                     config.predictor_block_context,
                     backbone_config.hidden_size if config.predictor_token_matching else None,
+                    config.predictor_hidden_size,
                 )
                 for layer in config.skim_layers
             }

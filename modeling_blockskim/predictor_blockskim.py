@@ -120,6 +120,8 @@ class BlockSkimPredictor(nn.Module):
             needs `question_features=True`.
         token_matching_hidden_size (`int`, *optional*): the backbone's hidden size, to also read a `TokenMatcher`'s
             features (`BlockSkimConfig.predictor_token_matching`), batch-normalised like the question masses.
+        hidden_size (`int`, *optional*): one hidden layer of this many GELU units before the two logits
+            (`BlockSkimConfig.predictor_hidden_size`); without it the classifier is the paper's linear layer.
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class BlockSkimPredictor(nn.Module):
         diagonal_block: bool = True,
         block_context: bool = False,
         token_matching_hidden_size: int | None = None,
+        hidden_size: int | None = None,
     ):
         super().__init__()
         if not (diagonal_block or question_features):
@@ -156,7 +159,9 @@ class BlockSkimPredictor(nn.Module):
         matches = self.token_matcher.num_features if self.token_matcher is not None else 0
         self.match_norm = nn.BatchNorm1d(matches) if matches else None
         square = num_heads * (block_size // 4) ** 2 if diagonal_block else 0
-        self.classifier = nn.Linear(square + extra + matches, 2)
+        inputs = square + extra + matches
+        self.hidden = nn.Sequential(nn.Linear(inputs, hidden_size), nn.GELU()) if hidden_size else None
+        self.classifier = nn.Linear(hidden_size or inputs, 2)
 
     def forward(
         self,
@@ -192,7 +197,8 @@ class BlockSkimPredictor(nn.Module):
             if token_matches is None:
                 raise ValueError("This predictor reads token matches: pass token_matches from its token_matcher.")
             parts.append(_normalise(self.match_norm, token_matches.to(dtype)))
-        return self.classifier(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])  # (N, 2)
+        features = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (N, inputs)
+        return self.classifier(features if self.hidden is None else self.hidden(features))  # (N, 2)
 
 
 def _normalise(norm: nn.BatchNorm1d, features: torch.Tensor) -> torch.Tensor:

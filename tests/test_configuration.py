@@ -109,6 +109,8 @@ def test_empty_skim_layers_is_allowed_and_means_plain_qa():
         ({"predictor_block_context": 1}, "predictor_block_context", "bool"),
         ({"predictor_token_matching": True}, "predictor_token_matching", "predictor_question_features=True"),
         ({"predictor_question_features": True, "predictor_token_matching": 1}, "predictor_token_matching", "bool"),
+        ({"predictor_hidden_size": 0}, "predictor_hidden_size", "a positive int, or None"),
+        ({"predictor_hidden_size": 16.0}, "predictor_hidden_size", "a positive int, or None"),
         ({"backbone_config": GPT2Config()}, "backbone_config.model_type", "'bert', 'roberta', 'electra'"),
     ],
 )

@@ -349,6 +349,37 @@ def test_token_matching_predictors_learn_from_the_hidden_states_and_survive_a_sa
     assert not torch.allclose(without.block_logits[:, 1][judged], before.block_logits[:, 1][judged])
 
 
+def test_a_hidden_layer_predictor_puts_gelu_units_between_its_features_and_logits_and_survives_a_save(tmp_path):
+    kind = PREDICTOR_KINDS["hidden-layer"]
+    model = tiny_model("bert", num_hidden_layers=4, **kind).train()
+    predictor = model.skim_predictors["1"]
+    heads = model.config.backbone_config.num_attention_heads
+    linear, activation = predictor.hidden
+    assert (linear.in_features, linear.out_features) == (8 * heads + predictor.token_matcher.num_features, 8)
+    assert isinstance(activation, torch.nn.GELU) and predictor.classifier.in_features == 8
+    batch = qa_batch("bert", lengths=(70, 52, 40))
+    labels = {"start_positions": torch.tensor([40, 30, 20]), "end_positions": torch.tensor([42, 30, 33])}
+    model(**batch, **labels, output_skim_details=True).skim_loss.backward()
+    assert linear.weight.grad.abs().sum() > 0 and predictor.token_matcher.key.weight.grad.abs().sum() > 0
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = BlockSkimForQuestionAnswering.from_pretrained(tmp_path).eval()
+    assert loaded.config.predictor_hidden_size == 8
+    with torch.no_grad():
+        before = model(**batch, skim=True, skim_threshold=0.5, output_skim_details=True)
+        after = loaded(**batch, skim=True, skim_threshold=0.5, output_skim_details=True)
+        # The logits are classifier(GELU(linear(features))): not linear in the features.
+        features = torch.randn(4, linear.in_features)
+        logits = predictor.classifier(predictor.hidden(features))
+        torch.testing.assert_close(
+            logits, predictor.classifier(torch.nn.functional.gelu(features @ linear.weight.T + linear.bias))
+        )
+        bias = predictor.classifier(predictor.hidden(torch.zeros(1, linear.in_features)))
+        doubled = predictor.classifier(predictor.hidden(2 * features))
+    torch.testing.assert_close(after.block_logits, before.block_logits, atol=0, rtol=0)
+    assert not torch.allclose(doubled - bias, 2 * (logits - bias))
+
+
 def test_from_backbone_on_a_block_skim_model_keeps_backbone_and_head_and_replaces_the_predictors():
     source = tiny_model("bert", num_hidden_layers=4, predictor_question_features=True, block_size=16)
     model = BlockSkimForQuestionAnswering.from_backbone(source, predictor_diagonal_block=False).eval()

@@ -32,9 +32,16 @@ PREDICTOR_KINDS = {
         "predictor_block_context": True,
         "predictor_token_matching": True,
     },
+    "hidden-layer": {
+        "predictor_question_features": True,
+        "predictor_diagonal_block": False,
+        "predictor_block_context": True,
+        "predictor_token_matching": True,
+        "predictor_hidden_size": 8,
+    },
 }
 """`tiny_model` settings of the predictor kinds: the paper's CNN, CNN + question masses, question masses only,
-question masses in context, and those with token matching on the hidden states."""
+question masses in context, those with token matching on the hidden states, and those with a hidden layer."""
 
 _BLOCK_PACKAGE = """
 import importlib.abc, sys
