@@ -82,28 +82,34 @@ def question_f1(examples: datasets.Dataset, features: datasets.Dataset, result: 
     return f1, {example_id: answers[0] for example_id, answers in decoded.n_best.items() if answers}
 
 
-def answer_survived(features: datasets.Dataset, best: dict[str, dict], skimmed: Pass) -> dict[str, bool]:
-    """Per question: does some window still hold every token of the unskimmed answer span after skimming?
+def answer_tokens(features: datasets.Dataset, best: dict[str, dict]) -> dict[str, list[tuple[int, list[int]]]]:
+    """Per question: the windows that cover the whole unskimmed answer span, each with the span's token indices.
 
-    A token was kept when its skimmed start logit is not `SKIMMED_LOGIT`; the span's tokens are those of a window
-    whose context offsets overlap its characters, and the window must cover the whole span.
+    A span's tokens are those of a window whose context offsets overlap its characters. The spans do not depend on
+    tau, so one search serves every skimming pass.
     """
     windows = defaultdict(list)
     for index, example_id in enumerate(features["example_id"]):
         windows[example_id].append(index)
     offsets = features["offset_mapping"]
-    survived = {}
+    spans = {}
     for example_id, answer in best.items():
         start, end = answer["start"], answer["end"]
-        survived[example_id] = False
+        spans[example_id] = []
         for index in windows[example_id]:
             tokens = [t for t, o in enumerate(offsets[index]) if o is not None and o[0] < end and o[1] > start]
-            if not tokens or offsets[index][tokens[0]][0] > start or offsets[index][tokens[-1]][1] < end:
-                continue
-            if bool((skimmed.start_logits[index][tokens] > SKIMMED_LOGIT).all()):
-                survived[example_id] = True
-                break
-    return survived
+            if tokens and offsets[index][tokens[0]][0] <= start and offsets[index][tokens[-1]][1] >= end:
+                spans[example_id].append((index, tokens))
+    return spans
+
+
+def answer_survived(spans: dict[str, list[tuple[int, list[int]]]], skimmed: Pass) -> dict[str, bool]:
+    """Per question: does some window still hold every token of the unskimmed answer span after skimming? A token
+    was kept when its skimmed start logit is not `SKIMMED_LOGIT`."""
+    return {
+        example_id: any(bool((skimmed.start_logits[index][tokens] > SKIMMED_LOGIT).all()) for index, tokens in found)
+        for example_id, found in spans.items()
+    }
 
 
 def f1_change_by_answer_survival(
@@ -143,6 +149,7 @@ def main() -> None:
     unskimmed = run_pass(models[0], features, args.eval_batch_size, pad, device, {"skim": False}, "no skimming")
     rows["blockskim_no_skim"] = score(examples, features, unskimmed, metric)
     unskimmed_f1, unskimmed_best = question_f1(examples, features, unskimmed)
+    unskimmed_spans = answer_tokens(features, unskimmed_best)
     for layers, model in zip(layer_sets, models, strict=True):
         config = model.config
         questions = question_lengths(features, config.sep_token_id)
@@ -156,7 +163,7 @@ def main() -> None:
             )
             flops = sum(flops_per_feature(config, result.processed, True, questions))
             skimmed_f1, _ = question_f1(examples, features, result)
-            survived = answer_survived(features, unskimmed_best, result)
+            survived = answer_survived(unskimmed_spans, result)
             rows[name] = {
                 **score(examples, features, result, metric),
                 **f1_change_by_answer_survival(unskimmed_f1, survived, skimmed_f1),
