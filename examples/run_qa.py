@@ -195,6 +195,15 @@ class BlockSkimArguments:
             "A cheap second stage on a Block-Skim checkpoint (or predictors added to a fine-tuned QA model)."
         },
     )
+    train_with_skimming: bool = field(
+        default=False,
+        metadata={
+            "help": "Skim-aware fine-tuning, a stage after the predictors are trained: the model skims at "
+            "--skim_threshold while it trains, so the layers after the last predictor layer and the QA head learn to "
+            "answer from the shortened sequence; everything up to the last predictor layer, and the predictors, stay "
+            "frozen, and the answer's blocks are always kept."
+        },
+    )
     skim_targets: str = field(
         default="answer",
         metadata={
@@ -426,6 +435,7 @@ def main() -> dict[str, float]:
         skim_predictor_learning_rate=skim_args.skim_predictor_learning_rate,
         skim_threshold=resolve_skim_threshold(skim_args.skim_threshold, model),
         train_predictors_only=skim_args.train_predictors_only,
+        train_with_skimming=skim_args.train_with_skimming,
         skim_targets=skim_args.skim_targets,
     )
 
@@ -492,6 +502,7 @@ def write_card(trainer: BlockSkimTrainer, model_args: ModelArguments, data_args:
             "doc_stride": data_args.doc_stride,
             "predictors trained alone on the frozen model": trainer.train_predictors_only,
             "predictor targets": trainer.skim_targets,
+            "later layers fine-tuned with skimming": trainer.train_with_skimming,
         },
     )
 

@@ -130,7 +130,8 @@ class BlockSkimConfig(PretrainedConfig):
             How the per-layer skim losses combine: `"sum"` as in the paper (alpha then scales with the number of
             predictor layers) or `"mean"` (alpha is independent of the depth).
         skim_at_inference (`bool`, *optional*, defaults to `True`):
-            Whether an evaluation-mode forward skims. Each call can override it with `skim=...`; training never skims.
+            Whether an evaluation-mode forward skims. Each call can override it with `skim=...`; joint training
+            never skims.
         predictor_question_features (`bool`, *optional*, defaults to `False`):
             Also give each predictor, next to the block's own attention square (the paper's only input), how much
             attention flows between the block and the question: per head, the mean mass the block's tokens put on

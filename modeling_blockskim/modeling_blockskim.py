@@ -4,7 +4,8 @@ Paper: Guan et al., "Block-Skim: Efficient Question Answering for Transformer" (
 embeddings and layers run unchanged (their modules and weights, not a copy of their code); this file adds the
 encoder loop that, after each predictor layer, asks a `BlockSkimPredictor` which blocks may hold the answer and, at
 inference, physically removes the others (`skimming_blockskim.compact`) so every later layer runs on a shorter
-sequence. Training never skims: the predictors are auxiliary heads trained jointly with the span head.
+sequence. Joint training never skims: the predictors are auxiliary heads trained jointly with the span head; an
+optional later stage fine-tunes the layers after the predictors on the skimmed sequence.
 
 Travels with every checkpoint as remote code: only `from .x import y` imports of its siblings.
 """
@@ -246,7 +247,8 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             start_positions, end_positions (`torch.LongTensor` of shape `(batch,)`, *optional*): answer span; adds
                 the QA loss and the skim loss on block labels derived from them.
             skim (`bool`, *optional*): skim this call; defaults to `config.skim_at_inference` in evaluation mode and
-                to `False` in training mode (training never skims).
+                to `False` in training mode (joint training never skims). `True` in training mode is skim-aware
+                fine-tuning: the blocks holding the labelled answer are then kept whatever the predictors say.
             skim_threshold (`float` or `dict[int, float]`, *optional*): tau for this call, for every predictor layer
                 or, as a mapping from layer index to tau, one per predictor layer; defaults to `config.skim_threshold`.
             keep_blocks_override (`dict[int, torch.BoolTensor]`, *optional*): for a predictor layer index, the
@@ -289,8 +291,20 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
             return BlockSkimQuestionAnsweringOutput(loss=qa_loss, start_logits=start_logits, end_logits=end_logits)
 
         state, num_blocks, protected_tokens = self._initial_state(hidden_states, token_valid, input_ids, skim)
+        block_labels = always_keep = None
+        if has_labels:
+            padded_valid = nn.functional.pad(token_valid, (0, num_blocks * self.config.block_size - length))
+            block_labels = answer_block_labels(
+                start_positions, end_positions, padded_valid, protected_tokens, self.config.block_size
+            )  # (B, K)
+            if skim and self.training:
+                # Skim-aware fine-tuning: the span loss needs the answer, and a block the predictors wrongly cut is
+                # their error, not one the later layers can learn to repair.
+                always_keep = block_labels == 1
         record = has_labels or output_skim_details
-        state, trace = self._encode_with_predictors(state, num_blocks, skim, threshold, keep_blocks_override, record)
+        state, trace = self._encode_with_predictors(
+            state, num_blocks, skim, threshold, keep_blocks_override, record, always_keep
+        )
         logits = self.qa_outputs(state.hidden_states)  # (B, state.length, 2)
         if skim:
             logits = scatter_to_input(logits, state, num_blocks, length, SKIMMED_LOGIT)  # (B, L, 2)
@@ -300,12 +314,8 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
 
         block_logits = torch.stack(trace["block_logits"], dim=1)  # (B, P, K, 2)
         present = torch.stack(trace["present"], dim=1)  # (B, P, K)
-        block_labels = loss = qa_loss = layer_skim_loss = None
+        loss = qa_loss = layer_skim_loss = None
         if has_labels:
-            padded_valid = nn.functional.pad(token_valid, (0, num_blocks * self.config.block_size - length))
-            block_labels = answer_block_labels(
-                start_positions, end_positions, padded_valid, protected_tokens, self.config.block_size
-            )  # (B, K)
             qa_loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
             layer_labels = block_labels[:, None, :].masked_fill(~present, IGNORE_INDEX)  # (B, P, K)
             layer_skim_loss = skim_loss(
@@ -331,13 +341,12 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         return layer_thresholds(skim_threshold, [int(index) for index in self.skim_predictors])
 
     def _resolve_skim(self, skim: bool | None) -> bool:
+        """Skim by default only in evaluation mode: joint training runs on the full sequence (the predictors are
+        auxiliary heads). An explicit `skim=True` in training mode is skim-aware fine-tuning
+        (`BlockSkimTrainer(train_with_skimming=True)`): gradients flow through the kept tokens only, none reach the
+        predictors through their hard decisions, and with labels the answer's blocks are always kept."""
         if skim is None:
             return self.config.skim_at_inference and not self.training and len(self.skim_predictors) > 0
-        if skim and self.training:
-            raise ValueError(
-                "skim=True in training mode: Block-Skim never skims while training (the QA loss runs on the full "
-                "sequence and the predictors are auxiliary heads). Call model.eval() to skim."
-            )
         if skim and len(self.skim_predictors) == 0:
             raise ValueError("skim=True needs at least one predictor layer, but config.skim_layers is empty.")
         return skim
@@ -421,12 +430,14 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         threshold: dict[int, float],
         keep_blocks_override: dict[int, torch.Tensor] | None,
         record: bool = True,
+        always_keep: torch.Tensor | None = None,
     ) -> tuple[SkimState, dict[str, list[torch.Tensor]]]:
         """Run every layer; after each predictor layer judge the blocks and, when skimming, drop the rejected ones.
 
         `record` fills the trace (block logits, presence, keep masks, kept-token counts in original coordinates) that
         losses and skim details need; a plain skimming forward skips it, as its scatters cost about as much as the
-        keep decision on small batches.
+        keep decision on small batches. `always_keep` (`(batch, blocks)` bool, original coordinates) marks blocks
+        kept whatever the predictors say: the answer's, in skim-aware fine-tuning.
         """
         implementation = self.config._attn_implementation
         trace: dict[str, list[torch.Tensor]] = {"block_logits": [], "present": [], "kept": [], "kept_token_counts": []}
@@ -488,6 +499,8 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
                 wanted = wanted.gather(1, state.block_ids)  # (B, S)
             else:
                 wanted = logits.float().softmax(dim=-1)[..., 1] >= threshold[index]  # (B, S)
+            if always_keep is not None:
+                wanted = wanted | always_keep.gather(1, state.block_ids)
             keep = keep_decision(wanted, state.block_protected, block_valid)
             if record:
                 trace["kept"].append(to_original_blocks(keep, state.block_ids, num_blocks, False))

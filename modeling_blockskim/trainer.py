@@ -43,10 +43,23 @@ PostProcessFunction = Callable[[Dataset, Dataset, Any, Any], tuple[list[dict], l
 
 
 def _frozen_parts_to_eval(model: torch.nn.Module) -> None:
-    """Everything but the skim predictors to evaluation mode (`Trainer` puts the whole model in training mode)."""
-    for name, module in model.named_children():
-        if name != PREDICTOR_PREFIX.rstrip("."):
-            module.eval()
+    """Every part whose parameters are all frozen to evaluation mode (`Trainer` puts the whole model in training
+    mode): a frozen part then runs exactly as at inference (no dropout, running statistics), so what the trained parts
+    learn from is what they will see. Parts are the model's children, and each layer or predictor of a list."""
+    for child in model.children():
+        parts = child.children() if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)) else [child]
+        for part in parts:
+            parameters = list(part.parameters())
+            if parameters and not any(parameter.requires_grad for parameter in parameters):
+                part.eval()
+
+
+def _frozen_for_skim_aware_tuning(name: str, last_predictor_layer: int) -> bool:
+    """Skim-aware fine-tuning freezes everything up to the last predictor layer (so the skim decisions are those of
+    the evaluated model) and the predictors themselves."""
+    if name.startswith((PREDICTOR_PREFIX, "embeddings.", "embeddings_project.")):
+        return True
+    return name.startswith("layers.") and int(name.split(".")[1]) <= last_predictor_layer
 
 
 class BlockSkimTrainer(Trainer):
@@ -75,6 +88,13 @@ class BlockSkimTrainer(Trainer):
             the blocks holding the gold answer (the paper's labels). `"model"`, only with `train_predictors_only`:
             the blocks the frozen model itself answers from (`loss_blockskim.span_block_targets`, soft), since
             skimming costs F1 only where it removes those.
+        train_with_skimming (`bool`, defaults to `False`): a stage after the predictors are trained: the model skims
+            while it trains, at the run's tau, so the layers after the last predictor layer and the span head learn to
+            answer from the shortened sequence they read at inference (joint training never skims, and most of the
+            F1 skimming costs is lost on questions whose answer survived it). The embeddings, the layers up to the
+            last predictor layer and the predictors are frozen and run as at inference, so the skim decisions are
+            exactly those of the model being tuned; the blocks holding the gold answer are always kept, and the
+            loss is the QA loss alone.
         All other arguments are those of `transformers.Trainer`; `compute_metrics` receives
         `EvalPrediction(predictions=answers, label_ids=references)` after post-processing.
     """
@@ -91,9 +111,21 @@ class BlockSkimTrainer(Trainer):
         skim_predictor_learning_rate: float | None = None,
         train_predictors_only: bool = False,
         skim_targets: Literal["answer", "model"] = "answer",
+        train_with_skimming: bool = False,
         **kwargs,
     ):
         model = kwargs.get("model", args[0] if args else None)
+        if train_with_skimming:
+            if train_predictors_only:
+                raise ValueError(
+                    "train_with_skimming=True and train_predictors_only=True are separate stages: first train the "
+                    "predictors, then fine-tune the later layers with skimming."
+                )
+            if len(getattr(model, "skim_predictors", ())) == 0:
+                raise ValueError("train_with_skimming=True needs a Block-Skim model with skim predictors.")
+            last_predictor_layer = max(model.config.skim_layers)
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(not _frozen_for_skim_aware_tuning(name, last_predictor_layer))
         if skim_targets not in SKIM_TARGETS:
             raise ValueError(f"skim_targets={skim_targets!r} is not one of {list(SKIM_TARGETS)}.")
         if skim_targets == "model" and not train_predictors_only:
@@ -109,6 +141,7 @@ class BlockSkimTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.skim_predictor_learning_rate = skim_predictor_learning_rate
         self.train_predictors_only = train_predictors_only
+        self.train_with_skimming = train_with_skimming
         self.skim_targets = skim_targets
         self.eval_examples = eval_examples
         self.post_process_function = post_process_function
@@ -154,14 +187,17 @@ class BlockSkimTrainer(Trainer):
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The model's joint loss (the skim loss alone with `train_predictors_only`); while training, its QA and
-        skim terms are kept for the next log line."""
+        """The model's joint loss (the skim loss alone with `train_predictors_only`, the QA loss of the skimmed
+        sequence alone with `train_with_skimming`); while training, its QA and skim terms are kept for the next log
+        line."""
         has_labels = inputs.get("start_positions") is not None and inputs.get("end_positions") is not None
         if not (self._is_block_skim and has_labels):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if model.training and self.train_predictors_only:
+        staged = self.train_predictors_only or self.train_with_skimming
+        if model.training and staged:
             _frozen_parts_to_eval(self.accelerator.unwrap_model(model))
-        outputs = model(**inputs, output_skim_details=True)
+        skim = True if model.training and self.train_with_skimming else None
+        outputs = model(**inputs, skim=skim, output_skim_details=True)
         predictor_loss = outputs.skim_loss
         if model.training and self.skim_targets == "model":
             config = self.accelerator.unwrap_model(model).config
@@ -174,7 +210,11 @@ class BlockSkimTrainer(Trainer):
         if model.training:
             self._loss_parts["qa_loss"].append(outputs.qa_loss.detach())
             self._loss_parts["skim_loss"].append(predictor_loss.detach())
-        loss = predictor_loss if self.train_predictors_only and model.training else outputs.loss
+        loss = outputs.loss
+        if model.training and self.train_predictors_only:
+            loss = predictor_loss
+        elif model.training and self.train_with_skimming:
+            loss = outputs.qa_loss
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

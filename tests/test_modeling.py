@@ -628,10 +628,29 @@ def test_default_outputs_carry_no_extras_for_trainer_predictions():
     assert extras <= set(model.config.keys_to_ignore_at_inference)  # Trainer drops them even when returned
 
 
-def test_skimming_in_training_mode_is_refused():
-    model = tiny_model("bert").train()
-    with pytest.raises(ValueError, match="never skims while training"):
-        model(**qa_batch("bert"), skim=True)
+def test_skimming_in_training_mode_keeps_the_labelled_answer_blocks_and_trains_on_the_shorter_sequence():
+    model = tiny_model("bert", skim_layers=[0]).train()
+    batch = qa_batch("bert")
+    labels = {"start_positions": torch.tensor([12, 20, 9, 10]), "end_positions": torch.tensor([14, 20, 17, 10])}
+    # tau = 1 rejects every passage block, so what survives is the protected blocks and the answer's.
+    output = model(**batch, **labels, skim=True, skim_threshold=1.0, output_skim_details=True)
+    kept = output.block_keep_mask[:, 0]  # (B, K)
+    protected = output.block_labels == -100
+    real = torch.tensor([[block * 8 < length for block in range(8)] for length in (61, 47, 30, 19)])
+    torch.testing.assert_close(kept, (protected | (output.block_labels == 1)) & real)
+    # Row 0: block 0 ([CLS] question [SEP], 8) + answer block 1 (8) + block 7 (last [SEP], 5 real tokens) = 21;
+    # row 1: 8 + block 2 (8) + block 5 (7) = 23; rows 2 and 3 hold nothing but protected and answer blocks.
+    assert output.kept_token_counts[:, 1].tolist() == [21, 23, 30, 19]
+    assert output.kept_token_counts[:, 0].tolist() == [61, 47, 30, 19]
+    for row, (start, end) in enumerate(zip(labels["start_positions"], labels["end_positions"], strict=True)):
+        assert (output.start_logits[row, start : end + 1] > SKIMMED_LOGIT).all()
+    assert (output.start_logits == SKIMMED_LOGIT).sum() > 0
+    last_query = model.layers[-1].attention.self.query.weight
+    (grad,) = torch.autograd.grad(output.qa_loss, last_query)
+    assert grad.abs().sum() > 0  # the span loss of the skimmed sequence trains the later layers
+
+    without_labels = model(**batch, skim=True, skim_threshold=1.0, output_skim_details=True)
+    assert (without_labels.kept_token_counts[:, 1] < output.kept_token_counts[:, 1]).all()  # answers not kept
 
 
 def test_eval_mode_skims_by_default_and_can_be_switched_off_per_call():

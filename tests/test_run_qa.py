@@ -14,6 +14,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_QA = ROOT / "examples" / "run_qa.py"
@@ -136,6 +138,20 @@ def test_vanilla_baseline_trains_with_the_same_script_and_takes_predictors_after
     assert "eval_skim_f1" in again
     config = json.loads((posthoc / "config.json").read_text())
     assert (config["predictor_diagonal_block"], config["predictor_question_features"]) == (False, True)
+
+    # Then the layers after the last predictor layer, fine-tuned on the skimmed sequence: nothing before changes.
+    tuned = tmp_path / "skim_tuned"
+    result = _run(["--model_name_or_path", str(posthoc), "--train_with_skimming", "true", "--skim_threshold", "0.5",
+                   "--do_train", "--output_dir", str(tuned), *TINY_RUN], tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    last_predictor_layer = max(config["skim_layers"])
+    weights, tuned_weights = load_file(posthoc / "model.safetensors"), load_file(tuned / "model.safetensors")
+    changed = {name for name in weights if not torch.equal(weights[name], tuned_weights[name])}
+    assert changed and all(
+        name.startswith("qa_outputs.")
+        or (name.startswith("layers.") and int(name.split(".")[1]) > last_predictor_layer)
+        for name in changed
+    )
 
 
 def _squad_sample(split: str) -> dict:

@@ -224,9 +224,43 @@ def test_predictors_trained_on_the_models_own_answers_optimise_the_loss_of_its_s
     assert logs[-1]["skim_loss"] < logs[0]["skim_loss"]
 
 
+def test_training_with_skimming_tunes_only_the_layers_after_the_predictors_on_the_skimmed_sequence(tmp_path):
+    model = tiny_model("bert", num_hidden_layers=4, skim_layers=[1]).train()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    modes: dict[str, set[bool]] = {"frozen layer": set(), "tuned layer": set(), "predictor": set()}
+    model.layers[1].register_forward_pre_hook(lambda module, args: modes["frozen layer"].add(module.training))
+    model.layers[2].register_forward_pre_hook(lambda module, args: modes["tuned layer"].add(module.training))
+    model.skim_predictors["1"].register_forward_pre_hook(lambda module, args: modes["predictor"].add(module.training))
+    lengths: list[int] = []
+    model.layers[3].register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    features = _features()
+    trainer = BlockSkimTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=6, logging_steps=2),
+        train_dataset=features,
+        train_with_skimming=True,
+        skim_threshold=1.0,  # only protected and answer blocks survive
+    )
+    batch = {name: torch.tensor(values) for name, values in features[:4].items()}
+    torch.manual_seed(1)  # the same dropout masks in the tuned layers
+    loss = trainer.compute_loss(model, batch)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        reference = model(**batch, skim=True, skim_threshold=1.0, output_skim_details=True)
+    torch.testing.assert_close(loss, reference.qa_loss)  # the QA loss of the skimmed sequence alone
+    assert lengths[-1] < 40
+    trainer.train()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    tuned = {name for name in before if name.startswith(("layers.2.", "layers.3.", "qa_outputs."))}
+    assert changed and changed <= tuned
+    assert modes == {"frozen layer": {False}, "tuned layer": {True}, "predictor": {False}}
+    assert max(lengths) < 40  # every training step ran the later layers on the skimmed sequence
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
+        ({"train_with_skimming": True, "train_predictors_only": True}, "separate stages"),
         ({"skim_targets": "model"}, "needs train_predictors_only=True"),
         ({"skim_targets": "gold", "train_predictors_only": True}, "skim_targets='gold' is not one of"),
     ],
@@ -236,9 +270,10 @@ def test_model_targets_need_a_frozen_model_and_unknown_targets_are_refused(tmp_p
         BlockSkimTrainer(model=tiny_model("bert"), args=_args(tmp_path), **settings)
 
 
-def test_training_predictors_only_is_refused_for_a_model_without_predictors(tmp_path):
-    with pytest.raises(ValueError, match="train_predictors_only"):
-        BlockSkimTrainer(model=tiny_model("bert", skim_layers=[]), args=_args(tmp_path), train_predictors_only=True)
+@pytest.mark.parametrize("stage", ["train_predictors_only", "train_with_skimming"])
+def test_training_stages_are_refused_for_a_model_without_predictors(tmp_path, stage):
+    with pytest.raises(ValueError, match=stage):
+        BlockSkimTrainer(model=tiny_model("bert", skim_layers=[]), args=_args(tmp_path), **{stage: True})
 
 
 def _argmax_answers(examples, features, start_logits, end_logits):
