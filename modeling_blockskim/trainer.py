@@ -54,12 +54,18 @@ def _frozen_parts_to_eval(model: torch.nn.Module) -> None:
                 part.eval()
 
 
-def _frozen_for_skim_aware_tuning(name: str, last_predictor_layer: int) -> bool:
-    """Skim-aware fine-tuning freezes everything up to the last predictor layer (so the skim decisions are those of
-    the evaluated model) and the predictors themselves."""
-    if name.startswith((PREDICTOR_PREFIX, "embeddings.", "embeddings_project.")):
-        return True
-    return name.startswith("layers.") and int(name.split(".")[1]) <= last_predictor_layer
+def _trained_in_skim_aware_tuning(name: str, last_predictor_layer: int) -> bool:
+    """Skim-aware fine-tuning trains the layers after the last predictor layer and the span head; everything before
+    (so the skim decisions are those of the evaluated model) and the predictors themselves stay frozen."""
+    if name.startswith("layers."):
+        return int(name.split(".")[1]) > last_predictor_layer
+    return not name.startswith((PREDICTOR_PREFIX, "embeddings.", "embeddings_project."))
+
+
+def _train_only(model: torch.nn.Module, trained: Callable[[str], bool]) -> None:
+    """Freeze every parameter whose name `trained` rejects (a training stage of part of the model)."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(trained(name))
 
 
 class BlockSkimTrainer(Trainer):
@@ -124,8 +130,7 @@ class BlockSkimTrainer(Trainer):
             if len(getattr(model, "skim_predictors", ())) == 0:
                 raise ValueError("train_with_skimming=True needs a Block-Skim model with skim predictors.")
             last_predictor_layer = max(model.config.skim_layers)
-            for name, parameter in model.named_parameters():
-                parameter.requires_grad_(not _frozen_for_skim_aware_tuning(name, last_predictor_layer))
+            _train_only(model, lambda name: _trained_in_skim_aware_tuning(name, last_predictor_layer))
         if skim_targets not in SKIM_TARGETS:
             raise ValueError(f"skim_targets={skim_targets!r} is not one of {list(SKIM_TARGETS)}.")
         if skim_targets == "model" and not train_predictors_only:
@@ -136,8 +141,7 @@ class BlockSkimTrainer(Trainer):
         if train_predictors_only:
             if len(getattr(model, "skim_predictors", ())) == 0:
                 raise ValueError("train_predictors_only=True needs a Block-Skim model with skim predictors.")
-            for name, parameter in model.named_parameters():
-                parameter.requires_grad_(name.startswith(PREDICTOR_PREFIX))
+            _train_only(model, lambda name: name.startswith(PREDICTOR_PREFIX))
         super().__init__(*args, **kwargs)
         self.skim_predictor_learning_rate = skim_predictor_learning_rate
         self.train_predictors_only = train_predictors_only
@@ -193,8 +197,7 @@ class BlockSkimTrainer(Trainer):
         has_labels = inputs.get("start_positions") is not None and inputs.get("end_positions") is not None
         if not (self._is_block_skim and has_labels):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        staged = self.train_predictors_only or self.train_with_skimming
-        if model.training and staged:
+        if model.training and (self.train_predictors_only or self.train_with_skimming):
             _frozen_parts_to_eval(self.accelerator.unwrap_model(model))
         skim = True if model.training and self.train_with_skimming else None
         outputs = model(**inputs, skim=skim, output_skim_details=True)

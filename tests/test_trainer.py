@@ -26,6 +26,11 @@ def _features(rows: int = 8, seed: int = 0) -> Dataset:
     return Dataset.from_dict({name: tensor.tolist() for name, tensor in batch.items()})
 
 
+def _tensor_batch(features: Dataset, rows: int = 4) -> dict[str, torch.Tensor]:
+    """The first `rows` features as a model's input batch."""
+    return {name: torch.tensor(values) for name, values in features[:rows].items()}
+
+
 def _args(tmp_path, **overrides) -> TrainingArguments:
     settings = dict(
         output_dir=str(tmp_path),
@@ -209,7 +214,7 @@ def test_predictors_trained_on_the_models_own_answers_optimise_the_loss_of_its_s
         train_predictors_only=True,
         skim_targets="model",
     )
-    batch = {name: torch.tensor(values) for name, values in features[:4].items()}
+    batch = _tensor_batch(features)
     with torch.no_grad():
         loss = trainer.compute_loss(model, batch)
         output = model(**batch, output_skim_details=True)
@@ -241,7 +246,7 @@ def test_training_with_skimming_tunes_only_the_layers_after_the_predictors_on_th
         train_with_skimming=True,
         skim_threshold=1.0,  # only protected and answer blocks survive
     )
-    batch = {name: torch.tensor(values) for name, values in features[:4].items()}
+    batch = _tensor_batch(features)
     torch.manual_seed(1)  # the same dropout masks in the tuned layers
     loss = trainer.compute_loss(model, batch)
     torch.manual_seed(1)
