@@ -204,6 +204,14 @@ class BlockSkimArguments:
             "frozen, and the answer's blocks are always kept."
         },
     )
+    skim_training_thresholds: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "With --train_with_skimming true: each optimisation step skims at one of these tau, drawn "
+            "uniformly (seeded); 0 keeps every block, so '0 0.6' mixes whole and skimmed windows. Defaults to "
+            "--skim_threshold for every step."
+        },
+    )
     skim_targets: str = field(
         default="answer",
         metadata={
@@ -436,6 +444,7 @@ def main() -> dict[str, float]:
         skim_threshold=resolve_skim_threshold(skim_args.skim_threshold, model),
         train_predictors_only=skim_args.train_predictors_only,
         train_with_skimming=skim_args.train_with_skimming,
+        skim_training_thresholds=skim_args.skim_training_thresholds,
         skim_targets=skim_args.skim_targets,
     )
 
@@ -503,6 +512,7 @@ def write_card(trainer: BlockSkimTrainer, model_args: ModelArguments, data_args:
             "predictors trained alone on the frozen model": trainer.train_predictors_only,
             "predictor targets": trainer.skim_targets,
             "later layers fine-tuned with skimming": trainer.train_with_skimming,
+            "tau drawn per step in that fine-tuning": trainer.skim_training_thresholds,
         },
     )
 

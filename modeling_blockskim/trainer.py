@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -101,6 +102,10 @@ class BlockSkimTrainer(Trainer):
             last predictor layer and the predictors are frozen and run as at inference, so the skim decisions are
             exactly those of the model being tuned; the blocks holding the gold answer are always kept, and the
             loss is the QA loss alone.
+        skim_training_thresholds (sequence of `float`, *optional*): with `train_with_skimming`, each optimisation step
+            skims at one of these tau, drawn uniformly (seeded by `args.seed` and the step, so a resumed run draws
+            the same); 0 keeps every block, so `(0, 0.6)` mixes whole and skimmed windows and the tuned layers keep
+            reading whole windows as well as before. Defaults to the run's `skim_threshold` for every step.
         All other arguments are those of `transformers.Trainer`; `compute_metrics` receives
         `EvalPrediction(predictions=answers, label_ids=references)` after post-processing.
     """
@@ -118,6 +123,7 @@ class BlockSkimTrainer(Trainer):
         train_predictors_only: bool = False,
         skim_targets: Literal["answer", "model"] = "answer",
         train_with_skimming: bool = False,
+        skim_training_thresholds: Sequence[float] | None = None,
         **kwargs,
     ):
         model = kwargs.get("model", args[0] if args else None)
@@ -130,6 +136,13 @@ class BlockSkimTrainer(Trainer):
             if len(getattr(model, "skim_predictors", ())) == 0:
                 raise ValueError("train_with_skimming=True needs a Block-Skim model with skim predictors.")
             last_predictor_layer = max(model.config.skim_layers)
+        if skim_training_thresholds is not None:
+            if not train_with_skimming:
+                raise ValueError("skim_training_thresholds needs train_with_skimming=True.")
+            if not skim_training_thresholds or not all(0.0 <= tau <= 1.0 for tau in skim_training_thresholds):
+                raise ValueError(
+                    f"skim_training_thresholds={list(skim_training_thresholds)!r} must be one or more tau in [0, 1]."
+                )
             _train_only(model, lambda name: _trained_in_skim_aware_tuning(name, last_predictor_layer))
         if skim_targets not in SKIM_TARGETS:
             raise ValueError(f"skim_targets={skim_targets!r} is not one of {list(SKIM_TARGETS)}.")
@@ -146,6 +159,7 @@ class BlockSkimTrainer(Trainer):
         self.skim_predictor_learning_rate = skim_predictor_learning_rate
         self.train_predictors_only = train_predictors_only
         self.train_with_skimming = train_with_skimming
+        self.skim_training_thresholds = None if skim_training_thresholds is None else list(skim_training_thresholds)
         self.skim_targets = skim_targets
         self.eval_examples = eval_examples
         self.post_process_function = post_process_function
@@ -200,7 +214,8 @@ class BlockSkimTrainer(Trainer):
         if model.training and (self.train_predictors_only or self.train_with_skimming):
             _frozen_parts_to_eval(self.accelerator.unwrap_model(model))
         skim = True if model.training and self.train_with_skimming else None
-        outputs = model(**inputs, skim=skim, output_skim_details=True)
+        threshold = self._training_step_threshold() if skim else None
+        outputs = model(**inputs, skim=skim, skim_threshold=threshold, output_skim_details=True)
         predictor_loss = outputs.skim_loss
         if model.training and self.skim_targets == "model":
             config = self.accelerator.unwrap_model(model).config
@@ -219,6 +234,14 @@ class BlockSkimTrainer(Trainer):
         elif model.training and self.train_with_skimming:
             loss = outputs.qa_loss
         return (loss, outputs) if return_outputs else loss
+
+    def _training_step_threshold(self) -> float | None:
+        """This optimisation step's tau from `skim_training_thresholds` (`None`: the config's). A generator of its
+        own, seeded by the run's seed and the step, so neither dropout's random stream nor a resumed run changes it."""
+        if self.skim_training_thresholds is None:
+            return None
+        draw = random.Random(self.args.seed * 1_000_003 + self.state.global_step)
+        return draw.choice(self.skim_training_thresholds)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._loss_parts:

@@ -262,9 +262,32 @@ def test_training_with_skimming_tunes_only_the_layers_after_the_predictors_on_th
     assert max(lengths) < 40  # every training step ran the later layers on the skimmed sequence
 
 
+def test_training_with_skimming_at_drawn_thresholds_mixes_whole_and_skimmed_windows_reproducibly(tmp_path):
+    lengths_per_run = []
+    for run in range(2):
+        model = tiny_model("bert", num_hidden_layers=4, skim_layers=[1]).train()
+        lengths: list[int] = []
+        model.layers[3].register_forward_pre_hook(lambda module, args, seen=lengths: seen.append(args[0].shape[1]))
+        trainer = BlockSkimTrainer(
+            model=model,
+            args=_args(tmp_path / str(run), max_steps=10, logging_steps=5),
+            train_dataset=_features(),
+            train_with_skimming=True,
+            skim_training_thresholds=[0.0, 1.0],  # whole windows, or only protected and answer blocks
+        )
+        trainer.train()
+        lengths_per_run.append(lengths)
+    full = max(len(ids) for ids in _features()["input_ids"])
+    assert len(lengths_per_run[0]) == 10
+    assert full in lengths_per_run[0] and min(lengths_per_run[0]) < 40  # both kinds of step occurred
+    assert lengths_per_run[0] == lengths_per_run[1]  # the same draws for the same seed and steps
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
+        ({"skim_training_thresholds": [0.5]}, "needs train_with_skimming=True"),
+        ({"train_with_skimming": True, "skim_training_thresholds": [0.0, 1.5]}, "must be one or more tau"),
         ({"train_with_skimming": True, "train_predictors_only": True}, "separate stages"),
         ({"skim_targets": "model"}, "needs train_predictors_only=True"),
         ({"skim_targets": "gold", "train_predictors_only": True}, "skim_targets='gold' is not one of"),
