@@ -12,7 +12,10 @@ over the windows. The regions:
   attention mask;
 - `after the last layer`: the span head and, in Block-Skim, scattering the logits back and the output object.
 
-The hooks cost the same in both models, so the extra time per region is Block-Skim's own.
+The hooks cost the same in both models, so the extra time per region is Block-Skim's own. Each window's forward is
+also run once under `benchmarking.count_operators` to count the ATen operators it dispatches: every one pays the
+dispatcher's and Python's overhead however small its tensors, which is what dominates Block-Skim's extra time at
+batch 1.
 
 Example:
 
@@ -36,7 +39,7 @@ from squad import collate, ideal_truncation, load_dev_features, load_models
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from modeling_blockskim.benchmarking import atomic_write_json, environment, median
+from modeling_blockskim.benchmarking import atomic_write_json, count_operators, environment, median
 
 
 def region_names(layers: int) -> list[str]:
@@ -76,10 +79,12 @@ def profile(
     threshold: float,
     repeats: int,
     warmup: int,
-) -> dict[str, list[float]]:
-    """Seconds per region, summed over the windows of the per-window medians, for `blockskim` and `ideal`."""
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Seconds per region, summed over the windows of the per-window medians, and ATen operators dispatched, summed
+    over the windows, for `blockskim` and `ideal`."""
     clocks = {"blockskim": RegionClock(blockskim.layers), "ideal": RegionClock(vanilla.base_model.encoder.layer)}
     totals = {name: [0.0] * (2 * len(blockskim.layers) + 1) for name in clocks}
+    calls = dict.fromkeys(clocks, 0)
     try:
         with torch.inference_mode():
             for batch in tqdm(batches, desc="windows", leave=False):
@@ -97,10 +102,11 @@ def profile(
                 for name, per_repeat in samples.items():
                     for index, values in enumerate(zip(*per_repeat, strict=True)):
                         totals[name][index] += median(list(values))
+                    calls[name] += count_operators(runs[name])
     finally:
         for clock in clocks.values():
             clock.remove()
-    return totals
+    return totals, calls
 
 
 def parse_args() -> argparse.Namespace:
@@ -132,7 +138,7 @@ def main() -> None:
     _, features, _ = load_dev_features(loading, tokenizer)
     sample = random.Random(args.seed).sample(range(len(features)), min(args.windows, len(features)))
     batches = [collate(features, [index], tokenizer.pad_token_id) for index in sample]
-    totals = profile(vanilla, blockskim, batches, args.threshold, args.repeats, args.warmup)
+    totals, calls = profile(vanilla, blockskim, batches, args.threshold, args.repeats, args.warmup)
     per_window = {name: [1000 * seconds / len(batches) for seconds in values] for name, values in totals.items()}
     regions = [
         {"region": name, "blockskim_ms": ours, "ideal_ms": ideal, "extra_ms": ours - ideal}
@@ -160,10 +166,13 @@ def main() -> None:
         "blockskim_ms_per_window": sum(per_window["blockskim"]),
         "ideal_ms_per_window": sum(per_window["ideal"]),
         "implementation_efficiency": sum(per_window["ideal"]) / sum(per_window["blockskim"]),
+        "operators_per_window": {name: count / len(batches) for name, count in calls.items()},
     }
     atomic_write_json(args.output, result)
     for row in regions:
         print(f"{row['region']:>22}: Block-Skim {row['blockskim_ms']:.3f} ms, ideal {row['ideal_ms']:.3f} ms")
+    ops = result["operators_per_window"]
+    print(f"operator calls per window: Block-Skim {ops['blockskim']:.1f}, ideal {ops['ideal']:.1f}")
     print(f"efficiency {result['implementation_efficiency']:.3f}; wrote {args.output}")
 
 

@@ -321,9 +321,25 @@ def overhead_section(stem: str, profile: dict[str, Any]) -> str:
         )
         + f"\n| **total** | {profile['blockskim_ms_per_window']:.3f} | {profile['ideal_ms_per_window']:.3f} | "
         f"{profile['blockskim_ms_per_window'] - profile['ideal_ms_per_window']:+.3f} |",
-        f"Implementation efficiency on these windows: {profile['implementation_efficiency']:.3f}.",
+        f"Implementation efficiency on these windows: {profile['implementation_efficiency']:.3f}."
+        + _operator_calls_sentence(profile),
     ]
     return "\n\n".join(lines)
+
+
+def _operator_calls_sentence(profile: dict[str, Any]) -> str:
+    """How many more ATen operators Block-Skim dispatches per window, and the extra time per extra operator (in
+    profiles that counted them)."""
+    calls = profile.get("operators_per_window")
+    if calls is None:
+        return ""
+    extra_calls = calls["blockskim"] - calls["ideal"]
+    extra_ms = profile["blockskim_ms_per_window"] - profile["ideal_ms_per_window"]
+    per_call = f", {1000 * extra_ms / extra_calls:.1f} µs of extra time per extra operator" if extra_calls > 0 else ""
+    return (
+        f" ATen operators dispatched per window: Block-Skim {calls['blockskim']:.0f}, ideal truncation "
+        f"{calls['ideal']:.0f}{per_call}."
+    )
 
 
 def oracle_latency_section(stem: str, table: dict[str, Any]) -> str:

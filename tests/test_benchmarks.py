@@ -357,6 +357,9 @@ def test_overhead_profile_splits_both_forwards_into_the_same_regions_and_report_
     section = _load_script("report").overhead_section("overhead", profile)
     assert f"| layer 1 -> 2 | {regions[4]['blockskim_ms']:.3f} | {regions[4]['ideal_ms']:.3f} |" in section
     assert f"{profile['implementation_efficiency']:.3f}" in section
+    operators = profile["operators_per_window"]
+    assert operators["blockskim"] > operators["ideal"] > 0  # the predictor, compaction and scatter are extra work
+    assert f"Block-Skim {operators['blockskim']:.0f}, ideal truncation {operators['ideal']:.0f}" in section
 
 
 def test_operator_count_is_the_number_of_aten_calls():
