@@ -241,8 +241,11 @@ def layer_sweep_section(stem: str, sweep: dict[str, Any]) -> str:
             "cut*: questions whose answer without skimming lost a token to skimming, and their share of the F1 "
             "change against the model without skimming; *answer kept*: the share of the other questions."
         )
+    data = (
+        f"SQuAD-long ({setup['paragraphs']} paragraphs) dev" if setup.get("variant") == "squad-long" else "dev"
+    )  # files before the SQuAD-long option name no variant: SQuAD v1.1
     lines = [
-        f"### Choice of predictor layers and τ, {model} ({setup['max_questions']} seeded dev questions, "
+        f"### Choice of predictor layers and τ, {model} ({setup['max_questions']} seeded {data} questions, "
         f"max_seq_length {setup['max_seq_length']}, no timing)",
         source,
         header + "\n" + "|---" * header.count(" | ") + "|---|",

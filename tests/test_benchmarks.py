@@ -196,7 +196,10 @@ def test_predictor_layer_sweep_scores_every_layer_set_and_threshold(tiny_models,
     # checkpoints with predictors of one kind, stay apart.
     block_size = BlockSkimConfig.from_pretrained(blockskim).block_size
     assert sweep["setup"]["block_size"] == block_size
-    assert f"blocks of {block_size} tokens, model `{blockskim}` (" in section.splitlines()[0]
+    assert f"blocks of {block_size} tokens, model `{blockskim}` (6 seeded dev questions," in section.splitlines()[0]
+    long_sweep = {**sweep, "setup": {**sweep["setup"], "variant": "squad-long", "paragraphs": 4}}
+    title = _load_script("report").layer_sweep_section("layers", long_sweep).splitlines()[0]
+    assert "(6 seeded SQuAD-long (4 paragraphs) dev questions, max_seq_length 384" in title
     row = rows["layers=1 tau=1"]
     assert (
         f"| 1 | 1 | {row['exact_match']:.2f} | {row['f1']:.2f} | {row['f1'] - rows['vanilla']['f1']:+.2f} | "
