@@ -172,7 +172,7 @@ def main() -> None:
     for row in regions:
         print(f"{row['region']:>22}: Block-Skim {row['blockskim_ms']:.3f} ms, ideal {row['ideal_ms']:.3f} ms")
     ops = result["operators_per_window"]
-    print(f"operator calls per window: Block-Skim {ops['blockskim']:.1f}, ideal {ops['ideal']:.1f}")
+    print(f"ATen operators per window: Block-Skim {ops['blockskim']:.1f}, ideal {ops['ideal']:.1f}")
     print(f"efficiency {result['implementation_efficiency']:.3f}; wrote {args.output}")
 
 
