@@ -136,6 +136,7 @@ class BlockSkimTrainer(Trainer):
             if len(getattr(model, "skim_predictors", ())) == 0:
                 raise ValueError("train_with_skimming=True needs a Block-Skim model with skim predictors.")
             last_predictor_layer = max(model.config.skim_layers)
+            _train_only(model, lambda name: _trained_in_skim_aware_tuning(name, last_predictor_layer))
         if skim_training_thresholds is not None:
             if not train_with_skimming:
                 raise ValueError("skim_training_thresholds needs train_with_skimming=True.")
@@ -143,7 +144,6 @@ class BlockSkimTrainer(Trainer):
                 raise ValueError(
                     f"skim_training_thresholds={list(skim_training_thresholds)!r} must be one or more tau in [0, 1]."
                 )
-            _train_only(model, lambda name: _trained_in_skim_aware_tuning(name, last_predictor_layer))
         if skim_targets not in SKIM_TARGETS:
             raise ValueError(f"skim_targets={skim_targets!r} is not one of {list(SKIM_TARGETS)}.")
         if skim_targets == "model" and not train_predictors_only:
