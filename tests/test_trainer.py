@@ -266,6 +266,7 @@ def test_training_with_skimming_at_drawn_thresholds_mixes_whole_and_skimmed_wind
     lengths_per_run = []
     for run in range(2):
         model = tiny_model("bert", num_hidden_layers=4, skim_layers=[1]).train()
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
         lengths: list[int] = []
         model.layers[3].register_forward_pre_hook(lambda module, args, seen=lengths: seen.append(args[0].shape[1]))
         trainer = BlockSkimTrainer(
@@ -277,6 +278,8 @@ def test_training_with_skimming_at_drawn_thresholds_mixes_whole_and_skimmed_wind
         )
         trainer.train()
         lengths_per_run.append(lengths)
+        changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+        assert changed and all(name.startswith(("layers.2.", "layers.3.", "qa_outputs.")) for name in changed)
     full = max(len(ids) for ids in _features()["input_ids"])
     assert len(lengths_per_run[0]) == 10
     assert full in lengths_per_run[0] and min(lengths_per_run[0]) < 40  # both kinds of step occurred
