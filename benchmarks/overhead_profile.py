@@ -84,7 +84,7 @@ def profile(
     over the windows, for `blockskim` and `ideal`."""
     clocks = {"blockskim": RegionClock(blockskim.layers), "ideal": RegionClock(vanilla.base_model.encoder.layer)}
     totals = {name: [0.0] * (2 * len(blockskim.layers) + 1) for name in clocks}
-    calls = dict.fromkeys(clocks, 0)
+    operators = dict.fromkeys(clocks, 0)
     try:
         with torch.inference_mode():
             for batch in tqdm(batches, desc="windows", leave=False):
@@ -102,11 +102,11 @@ def profile(
                 for name, per_repeat in samples.items():
                     for index, values in enumerate(zip(*per_repeat, strict=True)):
                         totals[name][index] += median(list(values))
-                    calls[name] += count_operators(runs[name])
+                    operators[name] += count_operators(runs[name])
     finally:
         for clock in clocks.values():
             clock.remove()
-    return totals, calls
+    return totals, operators
 
 
 def parse_args() -> argparse.Namespace:
@@ -138,7 +138,7 @@ def main() -> None:
     _, features, _ = load_dev_features(loading, tokenizer)
     sample = random.Random(args.seed).sample(range(len(features)), min(args.windows, len(features)))
     batches = [collate(features, [index], tokenizer.pad_token_id) for index in sample]
-    totals, calls = profile(vanilla, blockskim, batches, args.threshold, args.repeats, args.warmup)
+    totals, operators = profile(vanilla, blockskim, batches, args.threshold, args.repeats, args.warmup)
     per_window = {name: [1000 * seconds / len(batches) for seconds in values] for name, values in totals.items()}
     regions = [
         {"region": name, "blockskim_ms": ours, "ideal_ms": ideal, "extra_ms": ours - ideal}
@@ -166,13 +166,16 @@ def main() -> None:
         "blockskim_ms_per_window": sum(per_window["blockskim"]),
         "ideal_ms_per_window": sum(per_window["ideal"]),
         "implementation_efficiency": sum(per_window["ideal"]) / sum(per_window["blockskim"]),
-        "operators_per_window": {name: count / len(batches) for name, count in calls.items()},
+        "operators_per_window": {name: count / len(batches) for name, count in operators.items()},
     }
     atomic_write_json(args.output, result)
     for row in regions:
         print(f"{row['region']:>22}: Block-Skim {row['blockskim_ms']:.3f} ms, ideal {row['ideal_ms']:.3f} ms")
-    ops = result["operators_per_window"]
-    print(f"ATen operators per window: Block-Skim {ops['blockskim']:.1f}, ideal {ops['ideal']:.1f}")
+    per_window_operators = result["operators_per_window"]
+    print(
+        f"ATen operators per window: Block-Skim {per_window_operators['blockskim']:.1f}, "
+        f"ideal {per_window_operators['ideal']:.1f}"
+    )
     print(f"efficiency {result['implementation_efficiency']:.3f}; wrote {args.output}")
 
 

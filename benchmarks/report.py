@@ -325,23 +325,25 @@ def overhead_section(stem: str, profile: dict[str, Any]) -> str:
         + f"\n| **total** | {profile['blockskim_ms_per_window']:.3f} | {profile['ideal_ms_per_window']:.3f} | "
         f"{profile['blockskim_ms_per_window'] - profile['ideal_ms_per_window']:+.3f} |",
         f"Implementation efficiency on these windows: {profile['implementation_efficiency']:.3f}."
-        + _operator_calls_sentence(profile),
+        + _operators_sentence(profile),
     ]
     return "\n\n".join(lines)
 
 
-def _operator_calls_sentence(profile: dict[str, Any]) -> str:
+def _operators_sentence(profile: dict[str, Any]) -> str:
     """How many more ATen operators Block-Skim dispatches per window, and the extra time per extra operator (in
     profiles that counted them)."""
-    calls = profile.get("operators_per_window")
-    if calls is None:
+    operators = profile.get("operators_per_window")
+    if operators is None:
         return ""
-    extra_calls = calls["blockskim"] - calls["ideal"]
+    extra_operators = operators["blockskim"] - operators["ideal"]
     extra_ms = profile["blockskim_ms_per_window"] - profile["ideal_ms_per_window"]
-    per_call = f", {1000 * extra_ms / extra_calls:.1f} µs of extra time per extra operator" if extra_calls > 0 else ""
+    per_operator = (
+        f", {1000 * extra_ms / extra_operators:.1f} µs of extra time per extra operator" if extra_operators > 0 else ""
+    )
     return (
-        f" ATen operators dispatched per window: Block-Skim {calls['blockskim']:.0f}, ideal truncation "
-        f"{calls['ideal']:.0f}{per_call}."
+        f" ATen operators dispatched per window: Block-Skim {operators['blockskim']:.0f}, ideal truncation "
+        f"{operators['ideal']:.0f}{per_operator}."
     )
 
 
