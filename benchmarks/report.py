@@ -134,11 +134,15 @@ def kept_table(result: dict[str, Any]) -> str:
 
 
 def oracle_line(result: dict[str, Any]) -> str:
-    parts = [
-        f"after layer {key.rsplit('_', 1)[-1]}: {value['flops_speedup_vs_dynamic']:.2f}× vs dynamic "
-        f"({value['flops_speedup_vs_padded']:.2f}× vs padded)"
-        for key, value in result["oracle"].items()
-    ]
+    """`oracle.after_layer_k` counts the layers that read the whole window; predictor layers are indices from 0, so
+    the bound for a predictor at index i is the one after i + 1 layers, and the line says so."""
+    parts = []
+    for key, value in result["oracle"].items():
+        layers = int(key.rsplit("_", 1)[-1])
+        parts.append(
+            f"after {layers} layer{'s' if layers > 1 else ''} (a predictor at layer {layers - 1}): "
+            f"{value['flops_speedup_vs_dynamic']:.2f}× vs dynamic ({value['flops_speedup_vs_padded']:.2f}× vs padded)"
+        )
     return "Oracle bound (keep [CLS], question, separators and gold-answer blocks only): " + "; ".join(parts) + "."
 
 

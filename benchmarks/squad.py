@@ -9,7 +9,8 @@ skimming at every threshold tau. For every row it records, in one process and on
   (checked against `torch.utils.flop_counter` on a sample), the speedup versus the vanilla model with dynamic
   padding (the honest baseline) and padded to `max_seq_length` (the setting of the paper's FLOPs), and the paper's
   ideal speedup (Eq. 4) from the kept-token fractions;
-- the oracle bound: keep only [CLS], question, separator and gold-answer blocks after predictor layer 1, 2, 3;
+- the oracle bound: keep only [CLS], question, separator and gold-answer blocks after the first 1, 2, 3 layers
+  (`oracle.after_layer_k`: k layers read the whole window, as with a predictor at layer index k - 1);
 - wall-clock per batch size (medians of interleaved repeats after warm-up; CUDA events on a GPU): vanilla with
   dynamic padding + SDPA, vanilla padded, Block-Skim rows, and the *ideal truncation* of every skimming row (the
   stock layers run on sequences already cut to that row's per-layer kept lengths, no predictor, no gather), so that

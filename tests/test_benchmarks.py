@@ -20,7 +20,7 @@ from modeling_blockskim.benchmarking import count_host_syncs, count_operators
 from modeling_blockskim.data import load_qa_dataset, prepare_eval_features
 from modeling_blockskim.flops import forward_flops
 
-from .testing_utils import tiny_backbone_config
+from .testing_utils import qa_batch, tiny_backbone_config, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DEV = ROOT / "examples" / "data" / "squad_sample" / "dev-v1.1.json.gz"
@@ -139,6 +139,9 @@ def test_squad_benchmark_writes_every_row_with_exact_flops_and_report_renders(ti
     # The heading names the layers skimming ran after, which tell runs of one checkpoint apart.
     assert result["setup"]["skim_layers"] == [0, 1]  # the default for 3 layers
     assert "; skimming after layers 0, 1\n" in text
+    # The oracle counts whole layers, predictor layers are indices from 0: the line names both.
+    second = result["oracle"]["after_layer_2"]["flops_speedup_vs_dynamic"]
+    assert f"after 2 layers (a predictor at layer 1): {second:.2f}× vs dynamic" in text
     assert (tmp_path / "plots" / "f1_vs_speedup.png").stat().st_size > 0
     assert (tmp_path / "plots" / "kept_fraction_per_layer.png").stat().st_size > 0
 
@@ -459,3 +462,95 @@ def test_oracle_latency_runs_from_saved_windows_and_report_renders(tmp_path):
 
 def _spans(rows):
     return [(row["input_ids"], row["start_positions"], row["end_positions"]) for row in rows]
+
+
+def _skim_tuned_pair() -> tuple[BlockSkimForQuestionAnswering, BlockSkimForQuestionAnswering]:
+    """A donor with predictors after layers 0 and 1, and a base as skim-aware fine-tuning leaves it: the donor with
+    its layer-1 predictor only, and layer 2 and the span head changed (trained further)."""
+    donor = tiny_model(
+        num_hidden_layers=3,
+        skim_layers=[0, 1],
+        predictor_question_features=True,
+        predictor_block_context=True,
+        predictor_token_matching=True,
+        predictor_hidden_size=8,
+        predictor_diagonal_block=False,
+    )
+    config = BlockSkimConfig.from_dict(donor.config.to_dict())
+    config.skim_layers = [1]
+    base = BlockSkimForQuestionAnswering(config).eval()
+    base.load_state_dict(
+        {name: t for name, t in donor.state_dict().items() if not name.startswith("skim_predictors.0.")}, strict=True
+    )
+    with torch.no_grad():
+        base.layers[2].output.dense.weight.add_(0.05)
+        base.qa_outputs.bias.add_(0.3)
+    return donor, base
+
+
+def test_grafted_predictor_judges_blocks_as_in_the_donor_and_the_rest_answers_as_the_base():
+    graft = _load_script("graft_predictors")
+    donor, base = _skim_tuned_pair()
+    model = graft.graft_predictors(base, donor, [0], threshold=0.2)
+    assert model.config.skim_layers == [0, 1]
+    assert model.config.skim_threshold == {0: 0.2, 1: base.config.skim_threshold}
+    batch = qa_batch()
+    with torch.no_grad():
+        grafted = model(**batch, skim=False, output_skim_details=True)
+        from_donor = donor(**batch, skim=False, output_skim_details=True)
+        from_base = base(**batch, skim=False, output_skim_details=True)
+    # Without skimming every predictor reads the full window: layer 0's logits are the donor's, layer 1's the base's.
+    torch.testing.assert_close(grafted.block_logits[:, 0], from_donor.block_logits[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(grafted.block_logits[:, 1], from_base.block_logits[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(grafted.start_logits, from_base.start_logits, rtol=0, atol=0)
+    assert not torch.equal(grafted.start_logits, from_donor.start_logits)
+
+
+def test_graft_is_refused_when_the_layers_before_the_predictor_differ():
+    graft = _load_script("graft_predictors")
+    donor, base = _skim_tuned_pair()
+    with torch.no_grad():
+        base.layers[0].attention.self.query.weight.add_(0.01)
+    with pytest.raises(ValueError, match=r"layers\.0\.attention\.self\.query\.weight differs"):
+        graft.graft_predictors(base, donor, [0], threshold=0.2)
+
+
+def test_graft_is_refused_for_predictors_of_another_kind_or_layers_the_donor_lacks():
+    graft = _load_script("graft_predictors")
+    donor, base = _skim_tuned_pair()
+    with pytest.raises(ValueError, match=r"--layers \[2\]: the donor has predictors only after layers \[0, 1\]"):
+        graft.graft_predictors(base, donor, [0, 2], threshold=0.2)
+    with pytest.raises(ValueError, match=r"--layers \[1\]: the base already has predictors there"):
+        graft.graft_predictors(base, donor, [0, 1], threshold=0.2)
+    other = tiny_model(num_hidden_layers=3, skim_layers=[0], block_size=4)
+    with pytest.raises(ValueError, match="block_size"):
+        graft.graft_predictors(base, other, [0], threshold=0.2)
+
+
+def test_graft_script_writes_a_checkpoint_that_loads_with_the_tokenizer(tiny_models, tmp_path):
+    vanilla, _ = tiny_models
+    donor, base = _skim_tuned_pair()
+    tokenizer = AutoTokenizer.from_pretrained(vanilla)
+    for name, model in (("donor", donor), ("base", base)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    graft = _load_script("graft_predictors")
+    graft.main(
+        [
+            "--base",
+            str(tmp_path / "base"),
+            "--donor",
+            str(tmp_path / "donor"),
+            "--layers",
+            "0",
+            "--skim-threshold",
+            "0.3",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
+    loaded = BlockSkimForQuestionAnswering.from_pretrained(tmp_path / "out")
+    assert loaded.config.skim_layers == [0, 1]
+    assert torch.equal(loaded.skim_predictors["0"].classifier.weight, donor.skim_predictors["0"].classifier.weight)
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").vocab_size == tokenizer.vocab_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "donor", "out"]  # no staging folder left
