@@ -315,9 +315,12 @@ def probe_section(stem: str, probe: dict[str, Any]) -> str:
 def overhead_section(stem: str, profile: dict[str, Any]) -> str:
     """`benchmarks/overhead_profile.py`: Block-Skim's batch-1 time against the ideal truncation's, region by region."""
     setup = profile["setup"]
+    tau = setup["threshold"]  # a float in profiles before per-layer tau, else its label ("0.5/0.8")
+    tau = f"{tau:g}" if isinstance(tau, float) else tau
+    windows = "SQuAD-long dev windows" if setup.get("variant") == "squad-long" else "dev windows"
     lines = [
-        f"### Where the batch-1 time goes: `{setup['blockskim']}`, τ = {setup['threshold']:g}, against the ideal "
-        f"truncation, region by region ({setup['windows']} dev windows, max_seq_length {setup['max_seq_length']})",
+        f"### Where the batch-1 time goes: `{setup['blockskim']}`, τ = {tau}, against the ideal truncation, region "
+        f"by region ({setup['windows']} {windows}, max_seq_length {setup['max_seq_length']})",
         f"Source: `benchmarks/results/{stem}.json`, command `{profile['environment']['command']}` (revision "
         f"`{profile['environment']['git_revision']}`). Per window, sum over the windows of each region's median of "
         f"{setup['repeats']} interleaved runs; hooks stamp the time around every layer in both models.",
@@ -331,6 +334,22 @@ def overhead_section(stem: str, profile: dict[str, Any]) -> str:
         f"Implementation efficiency on these windows: {profile['implementation_efficiency']:.3f}."
         + _operators_sentence(profile),
     ]
+    functions = profile.get("functions_ms_per_window")
+    if functions is not None:  # profiles that clocked Block-Skim's own functions
+        extra = profile["blockskim_ms_per_window"] - profile["ideal_ms_per_window"]
+        kept = ", ".join(f"{fraction:.3f}" for fraction in profile["kept_token_fraction_per_layer"])
+        lines.append(
+            "Where the extra time goes, by Block-Skim's own functions (none runs in the ideal truncation; the rest "
+            "is the layers' share, such as the attention call that also returns the log-sum-exp, and Python "
+            f"glue). Tokens each layer reads, as a fraction of the real tokens: {kept}.\n\n"
+            "| part | ms per window | share of the extra |\n|---|---|---|\n"
+            + "\n".join(
+                f"| {part} | {milliseconds:.3f} | {milliseconds / extra:.0%} |"
+                for part, milliseconds in functions.items()
+            )
+            + f"\n| the rest | {extra - sum(functions.values()):.3f} | "
+            f"{(extra - sum(functions.values())) / extra:.0%} |"
+        )
     return "\n\n".join(lines)
 
 

