@@ -43,7 +43,7 @@ import itertools
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -193,15 +193,13 @@ def profile(
                 part_samples: list[dict[str, float]] = []
                 for repeat in range(warmup + repeats):
                     for name, run in runs.items():
-                        if name == "blockskim":
-                            with functions.clocking() as seconds:
-                                regions = clocks[name].time(run)
-                            if repeat >= warmup:
-                                part_samples.append(seconds)
-                        else:
+                        clocking = functions.clocking() if name == "blockskim" else nullcontext(None)
+                        with clocking as seconds:
                             regions = clocks[name].time(run)
                         if repeat >= warmup:
                             samples[name].append(regions)
+                            if seconds is not None:
+                                part_samples.append(seconds)
                 for name, per_repeat in samples.items():
                     for index, values in enumerate(zip(*per_repeat, strict=True)):
                         totals[name][index] += median(list(values))
