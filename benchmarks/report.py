@@ -435,7 +435,8 @@ def resumed_runs(training: dict[str, Any]) -> list[str]:
     return [
         name
         for name in ("vanilla", "blockskim")
-        if training[name]["train_samples_per_second"] * training[name]["train_runtime"]
+        if name in training
+        and training[name]["train_samples_per_second"] * training[name]["train_runtime"]
         < 0.95 * training[name]["train_samples"] * training[name]["epoch"]
     ]
 
@@ -448,13 +449,22 @@ def training_cost_line(training: dict[str, Any]) -> str:
             f"Training cost: not comparable in this result: the {' and '.join(resumed)} run was resumed from a "
             "checkpoint, so its samples/s cover only the steps after resuming."
         )
+    stage = training.get("predictor_stage")
+    if "stage_on_vanilla_time_ratio" in training:
+        vanilla = training["vanilla"]
+        return (
+            "Training cost: the Block-Skim model is the vanilla model plus a predictor-only stage (backbone and span "
+            f"head frozen): vanilla {vanilla['train_samples_per_second']:.3f} samples/s, "
+            f"{vanilla['train_runtime'] / 60:.0f} minutes; the stage {stage['train_samples_per_second']:.3f} "
+            f"samples/s, {stage['train_runtime'] / 60:.0f} minutes for {stage['epoch']:.0f} epochs (threads in "
+            f"*Setup*): {training['stage_on_vanilla_time_ratio']:.2f}× the vanilla training time in all."
+        )
     line = (
         "Training cost (both runs side by side, one thread each): Block-Skim "
         f"{training['blockskim']['train_samples_per_second']:.3f} vs vanilla "
         f"{training['vanilla']['train_samples_per_second']:.3f} samples/s = "
         f"{training['blockskim_over_vanilla_samples_per_second']:.3f}× the vanilla throughput."
     )
-    stage = training.get("predictor_stage")
     if stage:
         line += (
             " The predictor-only stage (run after them; its threads in *Setup*): "

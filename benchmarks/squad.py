@@ -377,7 +377,8 @@ def parse_args() -> argparse.Namespace:
         "--joint-training",
         default=None,
         help="when --blockskim comes from a predictor-only stage (run_qa.py --train_predictors_only): the joint "
-        "training run it started from, whose throughput is compared with the vanilla run's",
+        "training run it started from, whose throughput is compared with the vanilla run's; the --vanilla path "
+        "itself when the stage started from the vanilla model (the cost is then the stage's time on top of it)",
     )
     parser.add_argument("--variant", choices=["squad", "squad-long"], default="squad")
     parser.add_argument("--paragraphs", type=int, default=4, help="paragraphs joined per context for squad-long")
@@ -631,7 +632,11 @@ def main() -> None:
 
 def training_cost(vanilla_dir: str, blockskim_dir: str, stage_dir: str | None = None) -> dict[str, Any] | None:
     """Training throughput of the two runs from their `train_results.json` (trained side by side), and the
-    `train_results.json` of the predictor-only stage, when there was one (run after them)."""
+    `train_results.json` of the predictor-only stage, when there was one (run after them).
+
+    A stage that started from the vanilla model (`blockskim_dir == vanilla_dir`) has no joint run to compare: its
+    Block-Skim model costs the vanilla training plus the stage, given as the ratio of their times.
+    """
     results = {}
     for name, directory in (("vanilla", vanilla_dir), ("blockskim", blockskim_dir), ("predictor_stage", stage_dir)):
         path = Path(directory) / "train_results.json" if directory else None
@@ -640,6 +645,12 @@ def training_cost(vanilla_dir: str, blockskim_dir: str, stage_dir: str | None = 
                 return None
             continue
         results[name] = json.loads(path.read_text())
+    if Path(blockskim_dir).resolve() == Path(vanilla_dir).resolve() and "predictor_stage" in results:
+        del results["blockskim"]
+        vanilla_time = results["vanilla"]["train_runtime"]
+        stage_time = results["predictor_stage"]["train_runtime"]
+        results["stage_on_vanilla_time_ratio"] = (vanilla_time + stage_time) / vanilla_time
+        return results
     results["blockskim_over_vanilla_samples_per_second"] = (
         results["blockskim"]["train_samples_per_second"] / results["vanilla"]["train_samples_per_second"]
     )

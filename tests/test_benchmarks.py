@@ -161,6 +161,47 @@ def test_training_cost_is_refused_for_a_run_resumed_from_a_checkpoint():
     assert "×" not in line
 
 
+def test_training_cost_of_a_predictor_stage_on_the_vanilla_model_adds_the_stage_time(tmp_path):
+    squad, report = _load_script("squad"), _load_script("report")
+    vanilla, stage = tmp_path / "vanilla", tmp_path / "stage"
+    for directory, runtime, rate, epochs in ((vanilla, 1900.0, 3.72, 1.0), (stage, 1257.0, 16.862, 3.0)):
+        directory.mkdir()
+        result = {"train_samples": 7068, "epoch": epochs, "train_runtime": runtime, "train_samples_per_second": rate}
+        (directory / "train_results.json").write_text(json.dumps(result))
+    # `--joint-training` names the vanilla run: there is no joint run, the stage comes on top of the vanilla one.
+    cost = squad.training_cost(str(vanilla), str(vanilla), str(stage))
+    assert "blockskim" not in cost and "blockskim_over_vanilla_samples_per_second" not in cost
+    assert cost["stage_on_vanilla_time_ratio"] == pytest.approx((1900.0 + 1257.0) / 1900.0)
+    line = report.training_cost_line(cost)
+    assert "vanilla 3.720 samples/s, 32 minutes; the stage 16.862 samples/s, 21 minutes for 3 epochs" in line
+    assert line.endswith("1.66× the vanilla training time in all.")
+
+
+def test_summary_token_probe_reproduces_blockskim_when_removing_and_changes_the_answers_with_a_summary(tiny_models):
+    probe = _load_script("summary_token_probe")
+    vanilla = BertForQuestionAnswering.from_pretrained(tiny_models[0], attn_implementation="sdpa").eval()
+    blockskim = BlockSkimForQuestionAnswering.from_pretrained(tiny_models[1]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models[1])
+    question, context = "Who wrote it?", " ".join(["the quiet river runs past the old mill"] * 8)
+    batch = dict(tokenizer(question, context, return_tensors="pt"))
+    with torch.inference_mode():
+        # tau = 1 skims every passage block after the first predictor layer: only [CLS], question and [SEP]s stay.
+        kept = probe.kept_before_layers(blockskim, batch, 1.0)
+        assert set(kept) == {1, 2} and 0 < int(kept[1].sum()) < batch["input_ids"].shape[1]
+        reference = blockskim(**batch, skim=True, skim_threshold=1.0)
+        unskimmed = probe.run_with_keep_pattern(vanilla, batch, {}, "drop")
+        dropped = probe.run_with_keep_pattern(vanilla, batch, kept, "drop")
+        summary = probe.run_with_keep_pattern(vanilla, batch, kept, "summary")
+        no_bias = probe.run_with_keep_pattern(vanilla, batch, kept, "summary_no_bias")
+    torch.testing.assert_close(unskimmed[0], vanilla(**batch).start_logits[0], rtol=0, atol=1e-6)
+    assert torch.equal(dropped[0], reference.start_logits[0]) and torch.equal(dropped[1], reference.end_logits[0])
+    # The summary token moves the kept tokens' logits, and its log(n) bias moves them further; skimmed stay skimmed.
+    present = kept[2]
+    assert torch.equal(summary[0][~present], dropped[0][~present])
+    assert not torch.allclose(summary[0][present], dropped[0][present])
+    assert not torch.allclose(summary[0][present], no_bias[0][present])
+
+
 def test_predictor_layer_sweep_scores_every_layer_set_and_threshold(tiny_models, tmp_path):
     vanilla, blockskim = tiny_models
     output = tmp_path / "layers.json"
