@@ -637,16 +637,19 @@ def training_cost(vanilla_dir: str, blockskim_dir: str, stage_dir: str | None = 
     A stage that started from the vanilla model (`blockskim_dir == vanilla_dir`) has no joint run to compare: its
     Block-Skim model costs the vanilla training plus the stage, given as the ratio of their times.
     """
+    stage_on_vanilla = stage_dir is not None and Path(blockskim_dir).resolve() == Path(vanilla_dir).resolve()
+    runs = [("vanilla", vanilla_dir), ("predictor_stage", stage_dir)]
+    if not stage_on_vanilla:
+        runs.insert(1, ("blockskim", blockskim_dir))
     results = {}
-    for name, directory in (("vanilla", vanilla_dir), ("blockskim", blockskim_dir), ("predictor_stage", stage_dir)):
+    for name, directory in runs:
         path = Path(directory) / "train_results.json" if directory else None
         if path is None or not path.is_file():
-            if name != "predictor_stage":
+            if name != "predictor_stage" or stage_on_vanilla:
                 return None
             continue
         results[name] = json.loads(path.read_text())
-    if Path(blockskim_dir).resolve() == Path(vanilla_dir).resolve() and "predictor_stage" in results:
-        del results["blockskim"]
+    if stage_on_vanilla:
         vanilla_time = results["vanilla"]["train_runtime"]
         stage_time = results["predictor_stage"]["train_runtime"]
         results["stage_on_vanilla_time_ratio"] = (vanilla_time + stage_time) / vanilla_time

@@ -46,16 +46,18 @@ from modeling_blockskim.modeling_blockskim import SKIMMED_LOGIT
 VARIANTS = ("drop", "summary", "summary_no_bias")
 
 
-def kept_before_layers(blockskim, batch: dict[str, torch.Tensor], tau) -> dict[int, torch.Tensor]:
+def kept_before_layers(blockskim, batch: dict[str, torch.Tensor], tau) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """{layer index: (length,) bool, the input positions still present when that layer runs}, for the layers right
-    after each predictor layer; cumulative, as skimming is."""
+    after each predictor layer (cumulative, as skimming is), and Block-Skim's own start logits `(length,)` of that
+    forward, which the removal alone must reproduce."""
     output = blockskim(**batch, skim=True, skim_threshold=tau, output_skim_details=True)
     length, block_size = batch["input_ids"].shape[1], blockskim.config.block_size
     real = batch["attention_mask"][0].bool()
-    return {
+    kept = {
         layer + 1: output.block_keep_mask[0, position].repeat_interleave(block_size)[:length] & real
         for position, layer in enumerate(blockskim.config.skim_layers)
     }
+    return kept, output.start_logits[0]
 
 
 def run_with_keep_pattern(vanilla, batch: dict[str, torch.Tensor], kept: dict[int, torch.Tensor], variant: str):
@@ -122,11 +124,10 @@ def main() -> None:
             passes["no skimming"].start_logits.append(start)
             passes["no skimming"].end_logits.append(end)
             for label, tau in thresholds.items():
-                kept = kept_before_layers(blockskim, batch, tau)
+                kept, reference = kept_before_layers(blockskim, batch, tau)
                 for variant in VARIANTS:
                     start, end = run_with_keep_pattern(vanilla, batch, kept, variant)
                     if variant == "drop":  # the same tokens removed as Block-Skim removes: the same logits
-                        reference = blockskim(**batch, skim=True, skim_threshold=tau).start_logits[0]
                         worst_drop_deviation = max(worst_drop_deviation, float((start - reference).abs().max()))
                     passes[f"{label} {variant}"].start_logits.append(start)
                     passes[f"{label} {variant}"].end_logits.append(end)

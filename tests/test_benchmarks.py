@@ -186,7 +186,7 @@ def test_summary_token_probe_reproduces_blockskim_when_removing_and_changes_the_
     batch = dict(tokenizer(question, context, return_tensors="pt"))
     with torch.inference_mode():
         # tau = 1 skims every passage block after the first predictor layer: only [CLS], question and [SEP]s stay.
-        kept = probe.kept_before_layers(blockskim, batch, 1.0)
+        kept, detailed_start = probe.kept_before_layers(blockskim, batch, 1.0)
         assert set(kept) == {1, 2} and 0 < int(kept[1].sum()) < batch["input_ids"].shape[1]
         reference = blockskim(**batch, skim=True, skim_threshold=1.0)
         unskimmed = probe.run_with_keep_pattern(vanilla, batch, {}, "drop")
@@ -195,6 +195,7 @@ def test_summary_token_probe_reproduces_blockskim_when_removing_and_changes_the_
         no_bias = probe.run_with_keep_pattern(vanilla, batch, kept, "summary_no_bias")
     torch.testing.assert_close(unskimmed[0], vanilla(**batch).start_logits[0], rtol=0, atol=1e-6)
     assert torch.equal(dropped[0], reference.start_logits[0]) and torch.equal(dropped[1], reference.end_logits[0])
+    assert torch.equal(detailed_start, reference.start_logits[0])  # what the script compares the removal with
     # The summary token moves the kept tokens' logits, and its log(n) bias moves them further; skimmed stay skimmed.
     present = kept[2]
     assert torch.equal(summary[0][~present], dropped[0][~present])
