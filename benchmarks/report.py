@@ -450,14 +450,20 @@ def training_cost_line(training: dict[str, Any]) -> str:
             "checkpoint, so its samples/s cover only the steps after resuming."
         )
     stage = training.get("predictor_stage")
+    later = training.get("later_stages", [])
+    later_part = "".join(
+        f"; then a stage on top of it {run['train_samples_per_second']:.3f} samples/s, "
+        f"{run['train_runtime'] / 60:.0f} minutes for {run['epoch']:.0f} epochs"
+        for run in later
+    )
     if "stage_on_vanilla_time_ratio" in training:
         vanilla = training["vanilla"]
         return (
             "Training cost: the Block-Skim model is the vanilla model plus a predictor-only stage (backbone and span "
             f"head frozen): vanilla {vanilla['train_samples_per_second']:.3f} samples/s, "
             f"{vanilla['train_runtime'] / 60:.0f} minutes; the stage {stage['train_samples_per_second']:.3f} "
-            f"samples/s, {stage['train_runtime'] / 60:.0f} minutes for {stage['epoch']:.0f} epochs (threads in "
-            f"*Setup*): {training['stage_on_vanilla_time_ratio']:.2f}× the vanilla training time in all."
+            f"samples/s, {stage['train_runtime'] / 60:.0f} minutes for {stage['epoch']:.0f} epochs{later_part} "
+            f"(threads in *Setup*): {training['stage_on_vanilla_time_ratio']:.2f}× the vanilla training time in all."
         )
     line = (
         "Training cost (both runs side by side, one thread each): Block-Skim "
@@ -469,7 +475,7 @@ def training_cost_line(training: dict[str, Any]) -> str:
         line += (
             " The predictor-only stage (run after them; its threads in *Setup*): "
             f"{stage['train_samples_per_second']:.3f} samples/s, {stage['train_runtime'] / 60:.0f} minutes"
-            f" for {stage['epoch']:.0f} epochs."
+            f" for {stage['epoch']:.0f} epochs{later_part}."
         )
     return line
 

@@ -380,6 +380,14 @@ def parse_args() -> argparse.Namespace:
         "training run it started from, whose throughput is compared with the vanilla run's; the --vanilla path "
         "itself when the stage started from the vanilla model (the cost is then the stage's time on top of it)",
     )
+    parser.add_argument(
+        "--earlier-stages",
+        nargs="+",
+        default=[],
+        help="with --joint-training, when --blockskim comes from a stage on top of another stage (e.g. run_qa.py "
+        "--train_with_skimming after --train_predictors_only): the earlier stages' runs, in order; their time is "
+        "part of the training cost",
+    )
     parser.add_argument("--variant", choices=["squad", "squad-long"], default="squad")
     parser.add_argument("--paragraphs", type=int, default=4, help="paragraphs joined per context for squad-long")
     parser.add_argument("--max-seq-length", type=int, default=384)
@@ -397,7 +405,10 @@ def parse_args() -> argparse.Namespace:
     add_device_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, required=True, help="results JSON")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.earlier_stages and not args.joint_training:
+        parser.error("--earlier-stages needs --joint-training: the run the first stage started from.")
+    return args
 
 
 def load_blockskim(path: str, skim_layers: Sequence[int] | None = None, **kwargs) -> BlockSkimForQuestionAnswering:
@@ -623,35 +634,43 @@ def main() -> None:
         "rows": rows,
         "timing": timing,
         "training": training_cost(
-            args.vanilla, args.joint_training or args.blockskim, args.joint_training and args.blockskim
+            args.vanilla,
+            args.joint_training or args.blockskim,
+            [*args.earlier_stages, args.blockskim] if args.joint_training else [],
         ),
     }
     atomic_write_json(args.output, result)
     print(f"wrote {args.output}")
 
 
-def training_cost(vanilla_dir: str, blockskim_dir: str, stage_dir: str | None = None) -> dict[str, Any] | None:
+def training_cost(vanilla_dir: str, blockskim_dir: str, stage_dirs: Sequence[str] = ()) -> dict[str, Any] | None:
     """Training throughput of the two runs from their `train_results.json` (trained side by side), and the
-    `train_results.json` of the predictor-only stage, when there was one (run after them).
+    `train_results.json` of the stages run after them, when there were any: the predictor-only stage first
+    (`predictor_stage`), then any later ones (`later_stages`, e.g. skim-aware fine-tuning).
 
-    A stage that started from the vanilla model (`blockskim_dir == vanilla_dir`) has no joint run to compare: its
-    Block-Skim model costs the vanilla training plus the stage, given as the ratio of their times.
+    Stages that started from the vanilla model (`blockskim_dir == vanilla_dir`) have no joint run to compare: their
+    Block-Skim model costs the vanilla training plus the stages, given as the ratio of their times.
     """
-    stage_on_vanilla = stage_dir is not None and Path(blockskim_dir).resolve() == Path(vanilla_dir).resolve()
-    runs = [("vanilla", vanilla_dir), ("predictor_stage", stage_dir)]
-    if not stage_on_vanilla:
-        runs.insert(1, ("blockskim", blockskim_dir))
-    results = {}
+    stage_on_vanilla = bool(stage_dirs) and Path(blockskim_dir).resolve() == Path(vanilla_dir).resolve()
+    runs = [("vanilla", vanilla_dir)] + ([] if stage_on_vanilla else [("blockskim", blockskim_dir)])
+    runs += [("predictor_stage", directory) for directory in stage_dirs[:1]]
+    runs += [("later_stages", directory) for directory in stage_dirs[1:]]
+    results: dict[str, Any] = {}
     for name, directory in runs:
-        path = Path(directory) / "train_results.json" if directory else None
-        if path is None or not path.is_file():
-            if name != "predictor_stage" or stage_on_vanilla:
-                return None
-            continue
-        results[name] = json.loads(path.read_text())
+        path = Path(directory) / "train_results.json"
+        if not path.is_file():
+            if name == "predictor_stage" and not stage_on_vanilla:
+                continue
+            return None
+        run = json.loads(path.read_text())
+        if name == "later_stages":
+            results.setdefault(name, []).append(run)
+        else:
+            results[name] = run
     if stage_on_vanilla:
+        stages = [results["predictor_stage"], *results.get("later_stages", [])]
         vanilla_time = results["vanilla"]["train_runtime"]
-        stage_time = results["predictor_stage"]["train_runtime"]
+        stage_time = sum(stage["train_runtime"] for stage in stages)
         results["stage_on_vanilla_time_ratio"] = (vanilla_time + stage_time) / vanilla_time
         return results
     results["blockskim_over_vanilla_samples_per_second"] = (

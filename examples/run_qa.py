@@ -212,6 +212,15 @@ class BlockSkimArguments:
             "--skim_threshold for every step."
         },
     )
+    distill_unskimmed: bool = field(
+        default=False,
+        metadata={
+            "help": "With --train_with_skimming true: learn the span distribution of the model as given, reading the "
+            "whole window (a frozen copy), over the kept tokens, instead of the gold span, without dropout. No "
+            "labelled supervision is added, so with --weight_decay 0 the result compares with the starting model at "
+            "equal training."
+        },
+    )
     skim_targets: str = field(
         default="answer",
         metadata={
@@ -445,6 +454,7 @@ def main() -> dict[str, float]:
         train_predictors_only=skim_args.train_predictors_only,
         train_with_skimming=skim_args.train_with_skimming,
         skim_training_thresholds=skim_args.skim_training_thresholds,
+        distill_unskimmed=skim_args.distill_unskimmed,
         skim_targets=skim_args.skim_targets,
     )
 
@@ -513,6 +523,7 @@ def write_card(trainer: BlockSkimTrainer, model_args: ModelArguments, data_args:
             "predictor targets": trainer.skim_targets,
             "later layers fine-tuned with skimming": trainer.train_with_skimming,
             "tau drawn per step in that fine-tuning": trainer.skim_training_thresholds,
+            "that fine-tuning distilled from the model on whole windows": trainer.distill_unskimmed,
         },
     )
 

@@ -100,3 +100,43 @@ def span_block_targets(
     probs = nn.functional.pad(probs, (0, blocks * block_size - length))  # (2, B, K * bs)
     mass = probs.unflatten(-1, (blocks, block_size)).sum(dim=-1).amax(dim=0)  # (B, K)
     return mass.clamp(max=1.0).masked_fill(block_labels == IGNORE_INDEX, IGNORE_INDEX)
+
+
+def span_distillation_loss(
+    start_logits: torch.Tensor,
+    end_logits: torch.Tensor,
+    teacher_start_logits: torch.Tensor,
+    teacher_end_logits: torch.Tensor,
+    token_kept: torch.Tensor,
+) -> torch.Tensor:
+    """KL divergence of the span head's start and end distributions from a teacher's, over the kept tokens.
+
+    Skim-aware distillation: the teacher is the model as it was before the stage, reading the whole window; the
+    student reads the skimmed one. Both distributions are taken over the tokens the student kept (the teacher's
+    renormalised there), so the student learns to answer from a skimmed window as the teacher answers from the whole
+    one, not to put mass on tokens it no longer has. No gold answer enters, so the stage adds no labelled
+    supervision: where nothing is skimmed and the student equals the teacher, the gradient is exactly zero.
+
+    Args:
+        start_logits, end_logits (`torch.Tensor` of shape `(batch, length)`): the student's (skimmed) span logits.
+        teacher_start_logits, teacher_end_logits (`torch.Tensor` of shape `(batch, length)`): the teacher's, on
+            the whole window.
+        token_kept (`torch.BoolTensor` of shape `(batch, length)`): the real tokens the student's span head scored.
+
+    Returns:
+        Scalar `torch.Tensor` (float32): the mean over windows of the start and end terms' mean; 0 where the
+        student's distributions are the teacher's.
+    """
+    terms = []
+    for student, teacher in ((start_logits, teacher_start_logits), (end_logits, teacher_end_logits)):
+        student = student.float().masked_fill(~token_kept, float("-inf"))
+        teacher = teacher.float().masked_fill(~token_kept, float("-inf"))
+        targets, log_targets = teacher.softmax(dim=-1), teacher.log_softmax(dim=-1)
+        log_ratio = (log_targets - student.log_softmax(dim=-1)).masked_fill(~token_kept, 0.0)
+        divergence = (targets * log_ratio).sum(dim=-1)
+        # The divergence's gradient, softmax(student) - targets, written out with the same softmax on both sides:
+        # autograd's would differ from zero by rounding where student and teacher agree, and Adam's normalisation
+        # turns any non-zero gradient, however small, into a full step.
+        surrogate = ((student.softmax(dim=-1) - targets).detach() * student.masked_fill(~token_kept, 0.0)).sum(dim=-1)
+        terms.append((divergence.detach() + surrogate - surrogate.detach()).mean())
+    return (terms[0] + terms[1]) / 2

@@ -17,6 +17,7 @@ Written against the transformers 5.x Trainer API: `compute_loss(model, inputs, r
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 import time
@@ -32,8 +33,9 @@ from transformers.trainer_utils import PredictionOutput, speed_metrics
 
 from .configuration_blockskim import layer_thresholds
 from .flops import forward_flops
-from .loss_blockskim import skim_loss, span_block_targets
+from .loss_blockskim import skim_loss, span_block_targets, span_distillation_loss
 from .model_card import write_model_card
+from .modeling_blockskim import SKIMMED_LOGIT
 from .skimming_blockskim import IGNORE_INDEX
 
 PREDICTOR_PREFIX = "skim_predictors."
@@ -53,6 +55,14 @@ def _frozen_parts_to_eval(model: torch.nn.Module) -> None:
             parameters = list(part.parameters())
             if parameters and not any(parameter.requires_grad for parameter in parameters):
                 part.eval()
+
+
+def _without_dropout(model: torch.nn.Module) -> None:
+    """Every submodule to evaluation mode (no dropout), the model itself left in training mode so that its forward
+    still trains (skims with the answer's blocks kept). Distillation compares with a teacher that runs without
+    dropout; a student with dropout would be pulled away from the teacher even on a window nothing is skimmed from."""
+    for module in model.children():
+        module.eval()
 
 
 def _trained_in_skim_aware_tuning(name: str, last_predictor_layer: int) -> bool:
@@ -124,6 +134,7 @@ class BlockSkimTrainer(Trainer):
         skim_targets: Literal["answer", "model"] = "answer",
         train_with_skimming: bool = False,
         skim_training_thresholds: Sequence[float] | None = None,
+        distill_unskimmed: bool = False,
         **kwargs,
     ):
         model = kwargs.get("model", args[0] if args else None)
@@ -144,6 +155,8 @@ class BlockSkimTrainer(Trainer):
                 raise ValueError(
                     f"skim_training_thresholds={list(skim_training_thresholds)!r} must be one or more tau in [0, 1]."
                 )
+        if distill_unskimmed and not train_with_skimming:
+            raise ValueError("distill_unskimmed=True needs train_with_skimming=True: it is the loss of that stage.")
         if skim_targets not in SKIM_TARGETS:
             raise ValueError(f"skim_targets={skim_targets!r} is not one of {list(SKIM_TARGETS)}.")
         if skim_targets == "model" and not train_predictors_only:
@@ -161,6 +174,10 @@ class BlockSkimTrainer(Trainer):
         self.train_with_skimming = train_with_skimming
         self.skim_training_thresholds = None if skim_training_thresholds is None else list(skim_training_thresholds)
         self.skim_targets = skim_targets
+        self.distill_unskimmed = distill_unskimmed
+        self._teacher: torch.nn.Module | None = None
+        if distill_unskimmed:  # the model as given (also when resuming: the checkpoint's weights load later)
+            self._teacher = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval().requires_grad_(False)
         self.eval_examples = eval_examples
         self.post_process_function = post_process_function
         if self._is_block_skim:
@@ -213,6 +230,8 @@ class BlockSkimTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if model.training and (self.train_predictors_only or self.train_with_skimming):
             _frozen_parts_to_eval(self.accelerator.unwrap_model(model))
+        if model.training and self._teacher is not None:
+            _without_dropout(self.accelerator.unwrap_model(model))
         skim = True if model.training and self.train_with_skimming else None
         threshold = self._training_step_threshold() if skim else None
         outputs = model(**inputs, skim=skim, skim_threshold=threshold, output_skim_details=True)
@@ -231,9 +250,24 @@ class BlockSkimTrainer(Trainer):
         loss = outputs.loss
         if model.training and self.train_predictors_only:
             loss = predictor_loss
+        elif model.training and self._teacher is not None:
+            loss = self._distillation_loss(inputs, outputs)
+            self._loss_parts["distillation_loss"].append(loss.detach())
         elif model.training and self.train_with_skimming:
             loss = outputs.qa_loss
         return (loss, outputs) if return_outputs else loss
+
+    def _distillation_loss(self, inputs: Mapping[str, torch.Tensor], outputs) -> torch.Tensor:
+        """`span_distillation_loss` of the skimmed span logits against the teacher's on the whole window."""
+        model_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in inputs}
+        with torch.no_grad():
+            teacher = self._teacher(**model_inputs, skim=False)
+        token_kept = outputs.start_logits != SKIMMED_LOGIT
+        if "attention_mask" in inputs:
+            token_kept &= inputs["attention_mask"].bool()
+        return span_distillation_loss(
+            outputs.start_logits, outputs.end_logits, teacher.start_logits, teacher.end_logits, token_kept
+        )
 
     def _training_step_threshold(self) -> float | None:
         """This optimisation step's tau from `skim_training_thresholds` (`None`: the config's). A generator of its

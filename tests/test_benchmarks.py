@@ -169,12 +169,24 @@ def test_training_cost_of_a_predictor_stage_on_the_vanilla_model_adds_the_stage_
         result = {"train_samples": 7068, "epoch": epochs, "train_runtime": runtime, "train_samples_per_second": rate}
         (directory / "train_results.json").write_text(json.dumps(result))
     # `--joint-training` names the vanilla run: there is no joint run, the stage comes on top of the vanilla one.
-    cost = squad.training_cost(str(vanilla), str(vanilla), str(stage))
+    cost = squad.training_cost(str(vanilla), str(vanilla), [str(stage)])
     assert "blockskim" not in cost and "blockskim_over_vanilla_samples_per_second" not in cost
     assert cost["stage_on_vanilla_time_ratio"] == pytest.approx((1900.0 + 1257.0) / 1900.0)
     line = report.training_cost_line(cost)
     assert "vanilla 3.720 samples/s, 32 minutes; the stage 16.862 samples/s, 21 minutes for 3 epochs" in line
     assert line.endswith("1.66× the vanilla training time in all.")
+
+    # A stage on top of that stage (skim-aware fine-tuning) adds its time too.
+    later = tmp_path / "later"
+    later.mkdir()
+    result = {"train_samples": 7068, "epoch": 2.0, "train_runtime": 1800.0, "train_samples_per_second": 7.853}
+    (later / "train_results.json").write_text(json.dumps(result))
+    cost = squad.training_cost(str(vanilla), str(vanilla), [str(stage), str(later)])
+    assert cost["stage_on_vanilla_time_ratio"] == pytest.approx((1900.0 + 1257.0 + 1800.0) / 1900.0)
+    line = report.training_cost_line(cost)
+    assert "21 minutes for 3 epochs; then a stage on top of it 7.853 samples/s, 30 minutes for 2 epochs" in line
+    assert line.endswith("2.61× the vanilla training time in all.")
+    assert squad.training_cost(str(vanilla), str(vanilla), [str(stage), str(tmp_path / "missing")]) is None
 
 
 def test_summary_token_probe_reproduces_blockskim_when_removing_and_changes_the_answers_with_a_summary(tiny_models):

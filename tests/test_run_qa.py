@@ -153,6 +153,15 @@ def test_vanilla_baseline_trains_with_the_same_script_and_takes_predictors_after
         for name in changed
     )
 
+    # Distilled from the model itself on whole windows, a stage that skims nothing changes no weight.
+    distilled = tmp_path / "distilled"
+    result = _run(["--model_name_or_path", str(posthoc), "--train_with_skimming", "true", "--distill_unskimmed",
+                   "true", "--skim_threshold", "0", "--weight_decay", "0", "--do_train", "--output_dir",
+                   str(distilled), *TINY_RUN], tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    distilled_weights = load_file(distilled / "model.safetensors")
+    assert all(torch.equal(weights[name], distilled_weights[name]) for name in weights)
+
 
 def _squad_sample(split: str) -> dict:
     with gzip.open(SAMPLE / f"{split}-v1.1.json.gz", "rt", encoding="utf-8") as handle:

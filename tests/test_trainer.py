@@ -10,7 +10,7 @@ from datasets import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
 from modeling_blockskim.flops import forward_flops
-from modeling_blockskim.loss_blockskim import skim_loss, span_block_targets
+from modeling_blockskim.loss_blockskim import skim_loss, span_block_targets, span_distillation_loss
 from modeling_blockskim.trainer import BlockSkimTrainer
 
 from .testing_utils import qa_batch, tiny_model
@@ -286,12 +286,74 @@ def test_training_with_skimming_at_drawn_thresholds_mixes_whole_and_skimmed_wind
     assert lengths_per_run[0] == lengths_per_run[1]  # the same draws for the same seed and steps
 
 
+def test_span_distillation_loss_is_the_divergence_from_the_teacher_renormalised_over_kept_tokens():
+    student = torch.tensor([[1.0, 2.0, -10_000.0, 0.5]])
+    teacher = torch.tensor([[0.0, 1.0, 3.0, 1.0]])
+    kept = torch.tensor([[True, True, False, True]])
+    targets = torch.tensor([1.0, math.e, math.e]) / (1 + 2 * math.e)  # the teacher on tokens 0, 1 and 3
+
+    def divergence(kept_logits: list[float]) -> float:
+        normaliser = math.log(sum(math.exp(value) for value in kept_logits))
+        pairs = zip(targets.tolist(), kept_logits, strict=True)
+        return sum(t * (math.log(t) - (value - normaliser)) for t, value in pairs)
+
+    loss = span_distillation_loss(student, 2 * student, teacher, teacher, kept)  # start logits; end logits doubled
+    assert loss.item() == pytest.approx((divergence([1.0, 2.0, 0.5]) + divergence([2.0, 4.0, 1.0])) / 2)
+
+
+def test_distillation_from_the_unskimmed_model_leaves_a_model_that_skims_nothing_unchanged(tmp_path):
+    model = tiny_model("bert", num_hidden_layers=4, skim_layers=[1]).train()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = BlockSkimTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=4, logging_steps=2, weight_decay=0.0),
+        train_dataset=_features(),
+        train_with_skimming=True,
+        distill_unskimmed=True,
+        skim_threshold=0.0,  # every block kept: the student reads what the teacher reads
+    )
+    trainer.train()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter, before[name], rtol=0, atol=1e-6, msg=name)
+    logs = [entry for entry in trainer.state.log_history if "distillation_loss" in entry]
+    assert len(logs) == 2 and all(entry["loss"] == entry["distillation_loss"] for entry in logs)
+
+
+def test_distillation_from_the_unskimmed_model_pulls_the_skimmed_answers_towards_the_teachers(tmp_path):
+    model = tiny_model("bert", num_hidden_layers=4, skim_layers=[1]).train()
+    features = _features()
+    batch = _tensor_batch(features, rows=8)
+    trainer = BlockSkimTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=30, logging_steps=10, learning_rate=1e-3, weight_decay=0.0),
+        train_dataset=features,
+        train_with_skimming=True,
+        distill_unskimmed=True,
+        skim_threshold=1.0,  # only protected and answer blocks survive
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the student now answers differently from the teacher, the model as given
+        teacher = model.eval()(**batch, skim=False)
+        model.qa_outputs.weight.add_(torch.randn(model.qa_outputs.weight.shape, generator=generator))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loss_before = trainer.compute_loss(model.train(), batch)
+    trainer.train()
+    loss_after = trainer.compute_loss(model.train(), batch)
+    assert loss_after < loss_before * 0.8
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(name.startswith(("layers.2.", "layers.3.", "qa_outputs.")) for name in changed)
+    with torch.no_grad():  # the teacher stays the model as given
+        after = trainer._teacher(**batch, skim=False)
+    torch.testing.assert_close(after.start_logits, teacher.start_logits)
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
         ({"skim_training_thresholds": [0.5]}, "needs train_with_skimming=True"),
         ({"train_with_skimming": True, "skim_training_thresholds": [0.0, 1.5]}, "must be one or more tau"),
         ({"train_with_skimming": True, "train_predictors_only": True}, "separate stages"),
+        ({"distill_unskimmed": True}, "distill_unskimmed=True needs train_with_skimming=True"),
         ({"skim_targets": "model"}, "needs train_predictors_only=True"),
         ({"skim_targets": "gold", "train_predictors_only": True}, "skim_targets='gold' is not one of"),
     ],
