@@ -18,8 +18,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
-LEAD_RESULTS = "block16_"
-"""Name prefix of the results of the recommended setting (model (e) of BENCHMARKS.md): they lead the page."""
+LEAD_RESULTS = ("distilled_", "grafted_")
+"""Name prefixes of the results of the recommended settings (BENCHMARKS.md: model (n) on SQuAD, (k) on SQuAD-long):
+they lead the page and are plotted."""
 
 TARGETS = {
     "flops_vs_dynamic": 1.6,
@@ -59,7 +60,10 @@ def _predictor(result: dict[str, Any]) -> str:
     else:
         kind = "predictors read the diagonal attention square only (the paper's)"
     if setup.get("joint_training"):
-        kind += ", trained alone on the frozen jointly trained model"
+        on_vanilla = setup["joint_training"] == setup.get("vanilla")
+        kind += f", trained alone on the frozen {'vanilla' if on_vanilla else 'jointly trained'} model"
+        if (result.get("training") or {}).get("later_stages"):
+            kind += ", the layers after them tuned in a later stage (*Setup*)"
     if "block_size" in setup:
         kind += f"; blocks of {setup['block_size']} tokens"
     return kind
@@ -160,7 +164,7 @@ def provenance(result: dict[str, Any]) -> str:
 
 
 def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
-    """The Pareto curves and kept fractions of the main results: those with the first result's model kind."""
+    """The Pareto curves and kept fractions of the main results (those of the recommended settings)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,8 +172,6 @@ def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
 
     plots.mkdir(parents=True, exist_ok=True)
     written = []
-    kind = _predictor(results[0][1])
-    results = [(stem, result) for stem, result in results if _predictor(result) == kind]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for _stem, result in results:
         rows = result["rows"]
@@ -193,7 +195,8 @@ def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
             axis.set_xlabel("speedup (×)")
             axis.set_ylabel("F1")
     axes[0].legend(fontsize=7)
-    figure.suptitle(textwrap.fill(f"F1 vs speedup over τ (dashed: vanilla F1); {kind}", 140), fontsize=9)
+    kinds = "; ".join(f"{_title(result).split(',')[0]}: {_predictor(result)}" for _stem, result in results)
+    figure.suptitle(textwrap.fill(f"F1 vs speedup over τ (dashed: vanilla F1). {kinds}", 160), fontsize=8)
     figure.tight_layout()
     path = plots / "f1_vs_speedup.png"
     figure.savefig(path, dpi=120)
@@ -519,8 +522,10 @@ def main() -> None:
     parser.add_argument("--plots", type=Path, default=ROOT / "benchmarks" / "plots")
     parser.add_argument(
         "--lead",
-        default=LEAD_RESULTS,
-        help="results files whose name starts with this come first and are plotted (the recommended setting's)",
+        nargs="+",
+        default=list(LEAD_RESULTS),
+        help="results files whose name starts with one of these come first and are plotted (the recommended "
+        "settings')",
     )
     args = parser.parse_args()
 
@@ -541,14 +546,14 @@ def main() -> None:
         raise SystemExit(f"no squad results in {args.results}; run benchmarks/squad.py first.")
     results.sort(
         key=lambda item: (
-            not item[0].startswith(args.lead),
+            not item[0].startswith(tuple(args.lead)),
             not item[1]["setup"].get("joint_training"),
             not item[1]["setup"].get("predictor_question_features", False),
             item[1]["variant"] != "squad",
             item[1]["setup"]["max_seq_length"],
         )
     )
-    plot_paths = plot(results, args.plots)
+    plot_paths = plot([item for item in results if item[0].startswith(tuple(args.lead))] or results, args.plots)
     generated = render(results, plot_paths, sweeps, probes, overheads, latencies)
     text = args.markdown.read_text() if args.markdown.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
