@@ -228,10 +228,10 @@ class BlockSkimTrainer(Trainer):
         has_labels = inputs.get("start_positions") is not None and inputs.get("end_positions") is not None
         if not (self._is_block_skim and has_labels):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if model.training and (self.train_predictors_only or self.train_with_skimming):
-            _frozen_parts_to_eval(self.accelerator.unwrap_model(model))
-        if model.training and self._teacher is not None:
+        if model.training and self._teacher is not None:  # every part as at inference, the frozen ones included
             _without_dropout(self.accelerator.unwrap_model(model))
+        elif model.training and (self.train_predictors_only or self.train_with_skimming):
+            _frozen_parts_to_eval(self.accelerator.unwrap_model(model))
         skim = True if model.training and self.train_with_skimming else None
         threshold = self._training_step_threshold() if skim else None
         outputs = model(**inputs, skim=skim, skim_threshold=threshold, output_skim_details=True)
