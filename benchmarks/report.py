@@ -176,7 +176,9 @@ def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
     for _stem, result in results:
         rows = result["rows"]
         taus = [name for name in rows if name.startswith("blockskim_tau")]
-        label = _title(result).split(",")[0] + f" {result['setup']['max_seq_length']}"
+        # Two lead results may share a data set: the model folder tells their curves apart.
+        model = Path(result["setup"]["blockskim"]).name
+        label = f"{_title(result).split(',')[0]} {result['setup']['max_seq_length']}, {model}"
         for axis, key, title in (
             (axes[0], "flops_speedup_vs_dynamic", "FLOPs speedup vs dynamic padding"),
             (axes[1], "wall", "CPU wall-clock speedup vs dynamic padding (largest batch)"),
@@ -209,7 +211,7 @@ def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
             if name.startswith("blockskim_tau"):
                 fractions = row["kept_token_fraction_per_layer"]
                 axis.plot(range(len(fractions)), fractions, marker="o", label=name.replace("blockskim_", ""))
-        axis.set_title(_title(result).split(";")[0], fontsize=8)
+        axis.set_title(f"{_title(result).split(';')[0]}, {Path(result['setup']['blockskim']).name}", fontsize=8)
         axis.set_xlabel("layer")
         axis.set_ylabel("kept-token fraction")
         axis.set_ylim(0, 1.05)
