@@ -62,6 +62,25 @@ def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
     return root / "vanilla", root / "blockskim"
 
 
+def test_a_subset_of_predictor_layers_keeps_their_own_taus(tmp_path):
+    squad = _load_script("squad")
+    model = tiny_model(num_hidden_layers=3, skim_layers=[0, 1], block_size=4)
+    model.config.skim_threshold = {0: 0.2, 1: 0.5}
+    model.save_pretrained(tmp_path)
+    layer1 = squad.load_blockskim(str(tmp_path), [1]).eval()
+    assert layer1.config.skim_layers == [1] and layer1.config.skim_threshold == {1: 0.5}
+    assert list(layer1.skim_predictors) == ["1"]
+    batch = qa_batch()
+    with torch.no_grad():
+        plain = layer1(**batch, skim=False)  # a τ for layer 0 would name a predictor the model no longer has
+        skimmed = layer1(**batch, skim=True, output_skim_details=True)
+        reference = model.eval()(**batch, skim=False)
+    torch.testing.assert_close(plain.start_logits, reference.start_logits)
+    assert skimmed.block_keep_mask.shape[1] == 1
+    every = squad.load_blockskim(str(tmp_path))
+    assert every.config.skim_threshold == {0: 0.2, 1: 0.5}
+
+
 def test_squad_long_joins_paragraphs_and_reoffsets_every_answer():
     squad = _load_script("squad")
     examples, _ = load_qa_dataset(SAMPLE_DEV)
