@@ -163,6 +163,12 @@ def provenance(result: dict[str, Any]) -> str:
     )
 
 
+def _model_label(result: dict[str, Any]) -> str:
+    """What tells two lead results on one data set apart: the model folder and the predictor layers used."""
+    layers = ",".join(str(layer) for layer in result["setup"]["skim_layers"])
+    return f"{Path(result['setup']['blockskim']).name} (layers {layers})"
+
+
 def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
     """The Pareto curves and kept fractions of the main results (those of the recommended settings)."""
     import matplotlib
@@ -176,9 +182,7 @@ def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
     for _stem, result in results:
         rows = result["rows"]
         taus = [name for name in rows if name.startswith("blockskim_tau")]
-        # Two lead results may share a data set: the model folder tells their curves apart.
-        model = Path(result["setup"]["blockskim"]).name
-        label = f"{_title(result).split(',')[0]} {result['setup']['max_seq_length']}, {model}"
+        label = f"{_title(result).split(',')[0]} {result['setup']['max_seq_length']}, {_model_label(result)}"
         for axis, key, title in (
             (axes[0], "flops_speedup_vs_dynamic", "FLOPs speedup vs dynamic padding"),
             (axes[1], "wall", "CPU wall-clock speedup vs dynamic padding (largest batch)"),
@@ -211,7 +215,7 @@ def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
             if name.startswith("blockskim_tau"):
                 fractions = row["kept_token_fraction_per_layer"]
                 axis.plot(range(len(fractions)), fractions, marker="o", label=name.replace("blockskim_", ""))
-        axis.set_title(f"{_title(result).split(';')[0]}, {Path(result['setup']['blockskim']).name}", fontsize=8)
+        axis.set_title(f"{_title(result).split(';')[0]}, {_model_label(result)}", fontsize=8)
         axis.set_xlabel("layer")
         axis.set_ylabel("kept-token fraction")
         axis.set_ylim(0, 1.05)

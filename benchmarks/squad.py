@@ -48,7 +48,6 @@ from modeling_blockskim.benchmarking import (
     median,
     time_side_by_side,
 )
-from modeling_blockskim.configuration_blockskim import layer_thresholds as tau_per_layer
 from modeling_blockskim.configuration_blockskim import parse_thresholds, thresholds_for_layers
 from modeling_blockskim.data import load_qa_dataset, postprocess_qa_predictions, prepare_eval_features
 from modeling_blockskim.flops import count_flops, forward_flops, ideal_speedup
@@ -416,19 +415,15 @@ def load_blockskim(path: str, skim_layers: Sequence[int] | None = None, **kwargs
     """A Block-Skim checkpoint skimming with `skim_layers`, a subset of its trained predictors (default: all).
 
     Predictors of unused layers are left out of the model (transformers reports them as unexpected keys); a layer
-    without a trained predictor is refused rather than initialised at random. A checkpoint's per-layer τ keeps the
-    entries of the layers used, so the model's default τ still names exactly its predictor layers.
+    without a trained predictor is refused rather than initialised at random; a checkpoint's per-layer τ keeps the
+    entries of the layers used (`BlockSkimForQuestionAnswering`).
     """
-    trained_config = BlockSkimConfig.from_pretrained(path)
-    trained = trained_config.skim_layers
+    trained = BlockSkimConfig.from_pretrained(path).skim_layers
     layers = trained if skim_layers is None else sorted(set(skim_layers))
     if not set(layers) <= set(trained):
         raise ValueError(
             f"predictor layers {list(skim_layers)}: {path} has trained predictors only for layers {trained}."
         )
-    tau = tau_per_layer(trained_config.skim_threshold, trained)
-    if isinstance(trained_config.skim_threshold, Mapping):
-        kwargs["skim_threshold"] = {layer: tau[layer] for layer in layers}
     return BlockSkimForQuestionAnswering.from_pretrained(path, skim_layers=layers, **kwargs)
 
 

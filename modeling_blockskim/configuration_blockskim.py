@@ -23,6 +23,11 @@ DEFAULT_SEP_TOKEN_IDS: dict[str, int] = {"bert": 102, "electra": 102, "roberta":
 SKIM_LOSS_REDUCTIONS: tuple[str, ...] = ("sum", "mean")
 
 
+def is_layer_index(key: object) -> bool:
+    """A key of a per-layer `skim_threshold`: an int, or the string of one as a mapping comes back from JSON."""
+    return not isinstance(key, bool) and (isinstance(key, int) or (isinstance(key, str) and key.strip().isdigit()))
+
+
 def layer_thresholds(skim_threshold: float | Mapping[int, float], skim_layers: list[int]) -> dict[int, float]:
     """tau of every predictor layer, from one tau for all of them or a mapping with one per layer.
 
@@ -40,7 +45,7 @@ def layer_thresholds(skim_threshold: float | Mapping[int, float], skim_layers: l
         return dict.fromkeys(layers, _checked_tau("skim_threshold", skim_threshold))
     given: dict[int, object] = {}
     for key, tau in skim_threshold.items():
-        if isinstance(key, bool) or not (isinstance(key, int) or (isinstance(key, str) and key.strip().isdigit())):
+        if not is_layer_index(key):
             raise ValueError(f"skim_threshold has the key {key!r}, which is not a layer index.")
         given[int(key)] = tau
     if sorted(given) != layers:

@@ -26,7 +26,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .attention_blockskim import BLOCKSKIM_ATTENTION, AttentionProbe
-from .configuration_blockskim import BlockSkimConfig, layer_thresholds
+from .configuration_blockskim import BlockSkimConfig, is_layer_index, layer_thresholds
 from .loss_blockskim import question_answering_loss, skim_loss
 from .pipeline_blockskim import BlockSkimQuestionAnsweringPipeline
 from .predictor_blockskim import BlockSkimPredictor
@@ -158,6 +158,7 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         )
         self.qa_outputs = nn.Linear(backbone_config.hidden_size, 2)
         config.custom_pipelines = CUSTOM_PIPELINES
+        config.skim_threshold = _thresholds_of_layers(config.skim_threshold, config.skim_layers)
         self.post_init()
 
     @classmethod
@@ -518,6 +519,23 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
     def _split_span_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start_logits, end_logits = logits.split(1, dim=-1)
         return start_logits.squeeze(-1).contiguous(), end_logits.squeeze(-1).contiguous()
+
+
+def _thresholds_of_layers(
+    skim_threshold: float | Mapping[int | str, float], skim_layers: list[int]
+) -> float | Mapping[int | str, float]:
+    """A per-layer tau restricted to the predictor layers, when it names more of them.
+
+    `from_pretrained(path, skim_layers=[0])` keeps a subset of a checkpoint's predictors, whose config may still set a
+    tau for each of the others; those entries go. A mapping that misses one of `skim_layers` is left as it is, for
+    `layer_thresholds` to refuse at the first call rather than skim that layer with a default.
+    """
+    if not isinstance(skim_threshold, Mapping) or not all(is_layer_index(key) for key in skim_threshold):
+        return skim_threshold
+    named = {int(key): tau for key, tau in skim_threshold.items()}
+    if not set(skim_layers) < set(named):
+        return skim_threshold
+    return {layer: named[layer] for layer in skim_layers}
 
 
 def _tokenizer_sep_token_id(path: str | os.PathLike, load_kwargs: dict) -> int | None:

@@ -464,6 +464,25 @@ def test_a_per_layer_threshold_in_the_config_is_the_default_of_every_call(tmp_pa
     assert torch.equal(default[:, 3], keep_protected[:, 3])  # tau = 1 after layer 2 kept only the protected ones
 
 
+def test_loading_a_subset_of_the_predictors_keeps_their_own_taus_from_the_config(tmp_path):
+    taus = {0: 0.0, 2: 1.0}
+    model = tiny_model("bert", num_hidden_layers=4, skim_layers=[0, 2], skim_threshold=taus)
+    model.save_pretrained(tmp_path)
+    batch = qa_batch("bert", lengths=(96, 90, 80))
+    later = BlockSkimForQuestionAnswering.from_pretrained(tmp_path, skim_layers=[2]).eval()
+    assert later.config.skim_threshold == {2: 1.0} and list(later.skim_predictors) == ["2"]
+    with torch.no_grad():
+        default = later(**batch, skim=True, output_skim_details=True).kept_token_counts
+        given = later(**batch, skim=True, skim_threshold=1.0, output_skim_details=True).kept_token_counts
+        unskimmed = later(**batch, skim=False).start_logits
+        reference = model.eval()(**batch, skim=False).start_logits
+    assert torch.equal(default, given)
+    torch.testing.assert_close(unskimmed, reference, atol=0, rtol=0)
+    # A mapping that misses a predictor layer is still refused: no layer skims with a tau it was never given.
+    with pytest.raises(ValueError, match=r"sets tau for layers \[0, 2\], but this model has predictors after layers"):
+        BlockSkimForQuestionAnswering.from_pretrained(tmp_path, skim_layers=[1, 2])(**batch, skim=True)
+
+
 @pytest.mark.parametrize(
     ("threshold", "message"),
     [
