@@ -133,7 +133,11 @@ class BlockSkimArguments:
     )
     block_size: int = field(default=32, metadata={"help": "Tokens per block."})
     skim_layers: list[int] | None = field(
-        default=None, metadata={"help": "Layers followed by a skim predictor (default: all but the last)."}
+        default=None,
+        metadata={
+            "help": "Layers followed by a skim predictor (default: all but the last); with a Block-Skim checkpoint, "
+            "the subset of its predictor layers to keep (default: all of them)."
+        },
     )
     harmony_coefficient: float = field(default=0.1, metadata={"help": "alpha: weight of the skim loss."})
     balance_factor: float = field(default=20.0, metadata={"help": "beta: weight of answer-holding blocks."})
@@ -293,8 +297,9 @@ def load_model(model_args: ModelArguments, skim_args: BlockSkimArguments):
     if config.model_type == "blockskim":
         if not skim_args.block_skim:
             raise ValueError(f"{path} is a Block-Skim checkpoint; --block_skim false needs a plain backbone.")
-        if not skim_args.new_skim_predictors:
-            return BlockSkimForQuestionAnswering.from_pretrained(path, **hub_kwargs)
+        if not skim_args.new_skim_predictors:  # --skim_layers keeps a subset of the checkpoint's predictors
+            subset = {} if skim_args.skim_layers is None else {"skim_layers": skim_args.skim_layers}
+            return BlockSkimForQuestionAnswering.from_pretrained(path, **subset, **hub_kwargs)
     if skim_args.block_skim:
         return BlockSkimForQuestionAnswering.from_backbone(
             path,

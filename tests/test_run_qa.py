@@ -140,18 +140,22 @@ def test_vanilla_baseline_trains_with_the_same_script_and_takes_predictors_after
     assert (config["predictor_diagonal_block"], config["predictor_question_features"]) == (False, True)
 
     # Then the layers after the last predictor layer, fine-tuned on the skimmed sequence: nothing before changes.
+    # --skim_layers keeps the first two of the checkpoint's predictors, so layers from 2 on train; the others go.
     tuned = tmp_path / "skim_tuned"
+    assert config["skim_layers"] == [0, 1, 2, 3, 4]
     result = _run(["--model_name_or_path", str(posthoc), "--train_with_skimming", "true", "--skim_threshold", "0.5",
-                   "--do_train", "--output_dir", str(tuned), *TINY_RUN], tmp_path)  # fmt: skip
+                   "--skim_layers", "0", "1", "--do_train", "--output_dir", str(tuned), *TINY_RUN], tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    last_predictor_layer = max(config["skim_layers"])
+    assert json.loads((tuned / "config.json").read_text())["skim_layers"] == [0, 1]
     weights, tuned_weights = load_file(posthoc / "model.safetensors"), load_file(tuned / "model.safetensors")
-    changed = {name for name in weights if not torch.equal(weights[name], tuned_weights[name])}
+    assert {name.split(".")[1] for name in set(weights) - set(tuned_weights)} == {"2", "3", "4"}
+    assert all(name.startswith("skim_predictors.") for name in set(weights) - set(tuned_weights))
+    changed = {name for name in tuned_weights if not torch.equal(weights[name], tuned_weights[name])}
     assert changed and all(
-        name.startswith("qa_outputs.")
-        or (name.startswith("layers.") and int(name.split(".")[1]) > last_predictor_layer)
+        name.startswith("qa_outputs.") or (name.startswith("layers.") and int(name.split(".")[1]) > 1)
         for name in changed
     )
+    assert any(name.startswith("layers.2.") for name in changed)
 
     # Distilled from the model itself on whole windows, a stage that skims nothing changes no weight.
     distilled = tmp_path / "distilled"
