@@ -160,6 +160,10 @@ class BlockSkimForQuestionAnswering(BlockSkimPreTrainedModel):
         config.custom_pipelines = CUSTOM_PIPELINES
         config.skim_threshold = _thresholds_of_layers(config.skim_threshold, config.skim_layers)
         self.post_init()
+        # `from_pretrained(path, skim_layers=[0])` keeps a subset of a checkpoint's predictors on purpose: the weights
+        # of the others are not "unexpected". A predictor the checkpoint lacks is still reported as missing.
+        kept = "|".join(str(layer) for layer in config.skim_layers)
+        self._keys_to_ignore_on_load_unexpected.add(rf"^skim_predictors\.(?!(?:{kept})\.)\d+\.")
 
     @classmethod
     def from_backbone(cls, backbone: str | os.PathLike | PreTrainedModel, **kwargs) -> BlockSkimForQuestionAnswering:

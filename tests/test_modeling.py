@@ -469,8 +469,10 @@ def test_loading_a_subset_of_the_predictors_keeps_their_own_taus_from_the_config
     model = tiny_model("bert", num_hidden_layers=4, skim_layers=[0, 2], skim_threshold=taus)
     model.save_pretrained(tmp_path)
     batch = qa_batch("bert", lengths=(96, 90, 80))
-    later = BlockSkimForQuestionAnswering.from_pretrained(tmp_path, skim_layers=[2]).eval()
+    later, info = BlockSkimForQuestionAnswering.from_pretrained(tmp_path, skim_layers=[2], output_loading_info=True)
+    later.eval()
     assert later.config.skim_threshold == {2: 1.0} and list(later.skim_predictors) == ["2"]
+    assert not info["unexpected_keys"] and not info["missing_keys"]  # the dropped predictor is no surprise
     with torch.no_grad():
         default = later(**batch, skim=True, output_skim_details=True).kept_token_counts
         given = later(**batch, skim=True, skim_threshold=1.0, output_skim_details=True).kept_token_counts
@@ -479,8 +481,10 @@ def test_loading_a_subset_of_the_predictors_keeps_their_own_taus_from_the_config
     assert torch.equal(default, given)
     torch.testing.assert_close(unskimmed, reference, atol=0, rtol=0)
     # A mapping that misses a predictor layer is still refused: no layer skims with a tau it was never given.
+    other, info = BlockSkimForQuestionAnswering.from_pretrained(tmp_path, skim_layers=[1, 2], output_loading_info=True)
+    assert info["missing_keys"] and all(key.startswith("skim_predictors.1.") for key in info["missing_keys"])
     with pytest.raises(ValueError, match=r"sets tau for layers \[0, 2\], but this model has predictors after layers"):
-        BlockSkimForQuestionAnswering.from_pretrained(tmp_path, skim_layers=[1, 2])(**batch, skim=True)
+        other(**batch, skim=True)
 
 
 @pytest.mark.parametrize(

@@ -144,7 +144,8 @@ def test_vanilla_baseline_trains_with_the_same_script_and_takes_predictors_after
     tuned = tmp_path / "skim_tuned"
     assert config["skim_layers"] == [0, 1, 2, 3, 4]
     result = _run(["--model_name_or_path", str(posthoc), "--train_with_skimming", "true", "--skim_threshold", "0.5",
-                   "--skim_layers", "0", "1", "--do_train", "--output_dir", str(tuned), *TINY_RUN], tmp_path)  # fmt: skip
+                   "--skim_layers", "0", "1", "--do_train", "--output_dir", str(tuned), *TINY_RUN],
+                  tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads((tuned / "config.json").read_text())["skim_layers"] == [0, 1]
     weights, tuned_weights = load_file(posthoc / "model.safetensors"), load_file(tuned / "model.safetensors")
