@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -169,8 +168,19 @@ def _model_label(result: dict[str, Any]) -> str:
     return f"{Path(result['setup']['blockskim']).name} (layers {layers})"
 
 
+def _data_label(result: dict[str, Any]) -> str:
+    """The data set and window length in a few words, for plot titles."""
+    name = "SQuAD v1.1 dev" if result["variant"] == "squad" else "SQuAD-long"
+    return f"{name} {result['setup']['max_seq_length']}"
+
+
 def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
-    """The Pareto curves and kept fractions of the main results (those of the recommended settings)."""
+    """The Pareto curves and kept fractions of the main results (those of the recommended settings).
+
+    One row of panels per data set and window length, so that SQuAD's F1 (about 61) and SQuAD-long's (about 44)
+    each get their own scale; the model and its predictor layers tell the curves of a row apart (*Setup* of
+    BENCHMARKS.md describes each model).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,51 +188,62 @@ def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
 
     plots.mkdir(parents=True, exist_ok=True)
     written = []
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups: dict[str, list[dict[str, Any]]] = {}
     for _stem, result in results:
-        rows = result["rows"]
-        taus = [name for name in rows if name.startswith("blockskim_tau")]
-        label = f"{_title(result).split(',')[0]} {result['setup']['max_seq_length']}, {_model_label(result)}"
-        for axis, key, title in (
-            (axes[0], "flops_speedup_vs_dynamic", "FLOPs speedup vs dynamic padding"),
-            (axes[1], "wall", "CPU wall-clock speedup vs dynamic padding (largest batch)"),
-        ):
-            if key == "wall":
-                batch = list(result["timing"])[-1]
-                xs = [result["timing"][batch]["rows"][name]["speedup_vs_dynamic"] for name in taus]
-            else:
-                xs = [rows[name][key] for name in taus]
-            ys = [rows[name]["f1"] for name in taus]
-            line = axis.plot(xs, ys, marker="o", label=label)[0]
-            for x, y, name in zip(xs, ys, taus, strict=True):
-                axis.annotate(name.split("=")[1], (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
-            axis.axhline(rows["vanilla"]["f1"], color=line.get_color(), linestyle="--", linewidth=0.8)
-            axis.set_title(title, fontsize=9)
+        groups.setdefault(_data_label(result), []).append(result)
+    figure, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
+    for row_axes, (data, members) in zip(axes, groups.items(), strict=True):
+        for result in members:
+            rows = result["rows"]
+            taus = [name for name in rows if name.startswith("blockskim_tau")]
+            batch = list(result["timing"])[-1]
+            for axis, xs, title in (
+                (row_axes[0], [rows[name]["flops_speedup_vs_dynamic"] for name in taus], "FLOPs speedup"),
+                (
+                    row_axes[1],
+                    [result["timing"][batch]["rows"][name]["speedup_vs_dynamic"] for name in taus],
+                    f"CPU wall-clock speedup at batch {batch}",
+                ),
+            ):
+                ys = [rows[name]["f1"] for name in taus]
+                axis.plot(xs, ys, marker="o", label=_model_label(result))
+                for x, y, name in zip(xs, ys, taus, strict=True):
+                    axis.annotate(name.split("=")[1], (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+                axis.set_title(f"{data}: {title} vs dynamic padding", fontsize=9)
+        vanilla = sorted({round(result["rows"]["vanilla"]["f1"], 2) for result in members})
+        for axis in row_axes:
+            for f1 in vanilla:
+                axis.axhline(f1, color="grey", linestyle="--", linewidth=0.8)
             axis.set_xlabel("speedup (×)")
-            axis.set_ylabel("F1")
-    axes[0].legend(fontsize=7)
-    kinds = "; ".join(f"{_title(result).split(',')[0]}: {_predictor(result)}" for _stem, result in results)
-    figure.suptitle(textwrap.fill(f"F1 vs speedup over τ (dashed: vanilla F1). {kinds}", 160), fontsize=8)
+            axis.set_ylabel("F1 (dashed: vanilla)")
+            axis.legend(fontsize=7, loc="lower left")
+    figure.suptitle("F1 against speedup over τ (point labels: τ per predictor layer)", fontsize=10)
     figure.tight_layout()
     path = plots / "f1_vs_speedup.png"
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
     written.append(path)
 
-    figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False)
-    for axis, (_stem, result) in zip(axes[0], results, strict=True):
-        for name, row in result["rows"].items():
-            if name.startswith("blockskim_tau"):
-                fractions = row["kept_token_fraction_per_layer"]
-                axis.plot(range(len(fractions)), fractions, marker="o", label=name.replace("blockskim_", ""))
-        axis.set_title(f"{_title(result).split(';')[0]}, {_model_label(result)}", fontsize=8)
-        axis.set_xlabel("layer")
-        axis.set_ylabel("kept-token fraction")
-        axis.set_ylim(0, 1.05)
-        axis.legend(fontsize=7)
+    columns = max(len(members) for members in groups.values())
+    figure, axes = plt.subplots(
+        len(groups), columns, figsize=(4 * columns, 3.4 * len(groups)), squeeze=False, sharey=True
+    )
+    for row_axes, (data, members) in zip(axes, groups.items(), strict=True):
+        for axis in row_axes[len(members) :]:
+            axis.set_visible(False)
+        for axis, result in zip(row_axes, members, strict=False):
+            for name, row in result["rows"].items():
+                if name.startswith("blockskim_tau"):
+                    fractions = row["kept_token_fraction_per_layer"]
+                    axis.plot(range(len(fractions)), fractions, marker="o", label=name.replace("blockskim_", ""))
+            axis.set_title(f"{data}\n{_model_label(result)}", fontsize=8)
+            axis.set_xlabel("layer")
+            axis.set_ylabel("kept-token fraction")
+            axis.set_ylim(0, 1.05)
+            axis.legend(fontsize=6)
     figure.tight_layout()
     path = plots / "kept_fraction_per_layer.png"
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
     written.append(path)
     return [str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path) for path in written]
