@@ -414,7 +414,7 @@ def parse_args() -> argparse.Namespace:
 def load_blockskim(path: str, skim_layers: Sequence[int] | None = None, **kwargs) -> BlockSkimForQuestionAnswering:
     """A Block-Skim checkpoint skimming with `skim_layers`, a subset of its trained predictors (default: all).
 
-    Predictors of unused layers are left out of the model (transformers reports them as unexpected keys); a layer
+    Predictors of unused layers are left out of the model (their weights are dropped without a warning); a layer
     without a trained predictor is refused rather than initialised at random; a checkpoint's per-layer τ keeps the
     entries of the layers used (`BlockSkimForQuestionAnswering`).
     """
