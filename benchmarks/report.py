@@ -1,10 +1,12 @@
-"""Regenerate the tables and plots of BENCHMARKS.md from `benchmarks/results/*.json`.
+"""Regenerate the tables and plots of BENCHMARKS.md and benchmarks/EXPERIMENTS.md from `benchmarks/results/*.json`.
 
-Only the part of BENCHMARKS.md between `<!-- results:begin -->` and `<!-- results:end -->` is rewritten; the prose
-around it is kept. Plots go to `benchmarks/plots/`.
+The headline results (the recommended setting, the paper's joint training, the GPU table and its CPU counterparts:
+`HEADLINE_RESULTS`) go to BENCHMARKS.md with the plots; every other result, the studies that led there, goes to
+EXPERIMENTS.md. In each file only the part between `<!-- results:begin -->` and `<!-- results:end -->` is
+rewritten; the prose around it is kept. Plots go to `benchmarks/plots/`.
 
-    python benchmarks/report.py                      # results/ -> BENCHMARKS.md + plots
-    python benchmarks/report.py --results DIR --markdown FILE --plots DIR
+    python benchmarks/report.py                      # results/ -> BENCHMARKS.md, EXPERIMENTS.md + plots
+    python benchmarks/report.py --results DIR --markdown FILE --experiments FILE --plots DIR
 """
 
 from __future__ import annotations
@@ -17,9 +19,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
-LEAD_RESULTS = ("distilled_", "grafted_")
-"""Name prefixes of the results of the recommended settings (BENCHMARKS.md: model (n) on SQuAD, (k) on SQuAD-long):
-they lead the page and are plotted."""
+HEADLINE_RESULTS = (
+    "distilled_layer0_",
+    "joint_squad_384_",
+    "overhead_profile_distilled_layer0_",
+    "oracle_latency_",
+)
+"""Name prefixes of the results BENCHMARKS.md shows, in this order: model (n) skimming with its layer-0 predictor
+(the recommended setting) on every data set, model (b) (joint training as in the paper), the recommended setting's
+batch-1 profile, and the oracle-pattern tables of the GPU target. Their SQuAD results are plotted."""
 
 TARGETS = {
     "flops_vs_dynamic": 1.6,
@@ -163,7 +171,7 @@ def provenance(result: dict[str, Any]) -> str:
 
 
 def _model_label(result: dict[str, Any]) -> str:
-    """What tells two lead results on one data set apart: the model folder and the predictor layers used."""
+    """What tells two headline results on one data set apart: the model folder and the predictor layers used."""
     layers = ",".join(str(layer) for layer in result["setup"]["skim_layers"])
     return f"{Path(result['setup']['blockskim']).name} (layers {layers})"
 
@@ -175,11 +183,11 @@ def _data_label(result: dict[str, Any]) -> str:
 
 
 def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
-    """The Pareto curves and kept fractions of the main results (those of the recommended settings).
+    """The Pareto curves and kept fractions of the headline results.
 
     One row of panels per data set and window length, so that SQuAD's F1 (about 61) and SQuAD-long's (about 44)
     each get their own scale; the model and its predictor layers tell the curves of a row apart (*Setup* of
-    BENCHMARKS.md describes each model).
+    BENCHMARKS.md describes each model), one curve each.
     """
     import matplotlib
 
@@ -188,9 +196,14 @@ def plot(results: list[tuple[str, dict[str, Any]]], plots: Path) -> list[str]:
 
     plots.mkdir(parents=True, exist_ok=True)
     written = []
-    groups: dict[str, list[dict[str, Any]]] = {}
+    curves: dict[str, dict[str, dict[str, Any]]] = {}  # data label -> model label -> the result drawn
     for _stem, result in results:
-        groups.setdefault(_data_label(result), []).append(result)
+        drawn = curves.setdefault(_data_label(result), {})
+        label = _model_label(result)
+        # Two runs of one model and layer set on one data set (a τ grid and a retiming): the one with more τ.
+        if label not in drawn or len(result["rows"]) > len(drawn[label]["rows"]):
+            drawn[label] = result
+    groups = {data: list(drawn.values()) for data, drawn in curves.items()}
     figure, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
     for row_axes, (data, members) in zip(axes, groups.items(), strict=True):
         for result in members:
@@ -510,16 +523,11 @@ def training_cost_line(training: dict[str, Any]) -> str:
     return line
 
 
-def render(
-    results: list[tuple[str, dict[str, Any]]],
-    plot_paths: list[str],
-    sweeps: list[tuple[str, dict[str, Any]]] = (),
-    probes: list[tuple[str, dict[str, Any]]] = (),
-    overheads: list[tuple[str, dict[str, Any]]] = (),
-    latencies: list[tuple[str, dict[str, Any]]] = (),
-) -> str:
+def render(grouped: dict[str, list[tuple[str, dict[str, Any]]]], plot_paths: list[str]) -> str:
+    """The generated part of one markdown file: a section per results file (grouped by kind as `load_results`
+    returns them), then the plots."""
     sections = []
-    for stem, result in results:
+    for stem, result in grouped["squad"]:
         training = result.get("training")
         parts = [
             f"### {_title(result)}",
@@ -534,64 +542,93 @@ def render(
         if training:
             parts.append(training_cost_line(training))
         sections.append("\n\n".join(parts))
-    sections += [layer_sweep_section(stem, sweep) for stem, sweep in sweeps]
-    sections += [probe_section(stem, probe) for stem, probe in probes]
-    sections += [overhead_section(stem, profile) for stem, profile in overheads]
-    sections += [oracle_latency_section(stem, table) for stem, table in latencies]
-    figures = "\n\n".join(f"![{Path(path).stem}]({path})" for path in plot_paths)
-    return "\n\n".join([*sections, figures])
+    sections += [layer_sweep_section(stem, sweep) for stem, sweep in grouped["predictor_layers"]]
+    sections += [probe_section(stem, probe) for stem, probe in grouped["predictor_probe"]]
+    sections += [overhead_section(stem, profile) for stem, profile in grouped["overhead_profile"]]
+    sections += [oracle_latency_section(stem, table) for stem, table in grouped["oracle_latency"]]
+    sections += [f"![{Path(path).stem}]({path})" for path in plot_paths]
+    return "\n\n".join(sections)
+
+
+BENCHMARK_KINDS = ("squad", "predictor_layers", "predictor_probe", "overhead_profile", "oracle_latency")
+"""The `benchmark` field of the results files `render` knows, in the order it writes their sections."""
+
+
+def load_results(directory: Path) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """Every results file of a known kind, as `(stem, data)` in file-name order, grouped by its `benchmark` field."""
+    grouped: dict[str, list[tuple[str, dict[str, Any]]]] = {kind: [] for kind in BENCHMARK_KINDS}
+    for path in sorted(directory.glob("*.json")):
+        data = json.loads(path.read_text())
+        if data.get("benchmark") in grouped:
+            grouped[data["benchmark"]].append((path.stem, data))
+    return grouped
+
+
+def _headline_rank(stem: str, headline: tuple[str, ...]) -> int | None:
+    """Position of the first headline prefix the stem starts with; `None` for a result of EXPERIMENTS.md."""
+    return next((rank for rank, prefix in enumerate(headline) if stem.startswith(prefix)), None)
+
+
+def _squad_order(item: tuple[str, dict[str, Any]], headline: tuple[str, ...]) -> tuple:
+    """Headline results in `headline` order, then SQuAD before SQuAD-long and shorter windows first; the rest with
+    the predictor-only and question-feature models first, as the studies built on them."""
+    stem, result = item
+    setup = result["setup"]
+    rank = _headline_rank(stem, headline)
+    return (
+        len(headline) if rank is None else rank,
+        not setup.get("joint_training"),
+        not setup.get("predictor_question_features", False),
+        result["variant"] != "squad",
+        setup["max_seq_length"],
+        stem,
+    )
+
+
+def write_generated(markdown: Path, generated: str, title: str) -> None:
+    """Replace what lies between the markers of `markdown` (a new file gets a title and the markers), atomically."""
+    text = markdown.read_text() if markdown.exists() else f"# {title}\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{markdown} lacks the {BEGIN} / {END} markers that delimit the generated part.")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    temporary = markdown.with_suffix(".tmp")
+    temporary.write_text(f"{head}{BEGIN}\n{generated}\n{END}{tail}")
+    temporary.replace(markdown)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md", help="the headline report")
+    parser.add_argument(
+        "--experiments",
+        type=Path,
+        default=ROOT / "benchmarks" / "EXPERIMENTS.md",
+        help="the lab notebook: every result that is not a headline one",
+    )
     parser.add_argument("--plots", type=Path, default=ROOT / "benchmarks" / "plots")
     parser.add_argument(
-        "--lead",
+        "--headline",
         nargs="+",
-        default=list(LEAD_RESULTS),
-        help="results files whose name starts with one of these come first and are plotted (the recommended "
-        "settings')",
+        default=list(HEADLINE_RESULTS),
+        help="name prefixes of the results that go to --markdown, in their order (the rest go to --experiments)",
     )
     args = parser.parse_args()
+    headline = tuple(args.headline)
 
-    results, sweeps, probes, overheads, latencies = [], [], [], [], []
-    for path in sorted(args.results.glob("*.json")):
-        data = json.loads(path.read_text())
-        if data.get("benchmark") == "squad":
-            results.append((path.stem, data))
-        elif data.get("benchmark") == "predictor_layers":
-            sweeps.append((path.stem, data))
-        elif data.get("benchmark") == "predictor_probe":
-            probes.append((path.stem, data))
-        elif data.get("benchmark") == "overhead_profile":
-            overheads.append((path.stem, data))
-        elif data.get("benchmark") == "oracle_latency":
-            latencies.append((path.stem, data))
-    if not results:
+    grouped = load_results(args.results)
+    if not grouped["squad"]:
         raise SystemExit(f"no squad results in {args.results}; run benchmarks/squad.py first.")
-    results.sort(
-        key=lambda item: (
-            not item[0].startswith(tuple(args.lead)),
-            not item[1]["setup"].get("joint_training"),
-            not item[1]["setup"].get("predictor_question_features", False),
-            item[1]["variant"] != "squad",
-            item[1]["setup"]["max_seq_length"],
-        )
-    )
-    plot_paths = plot([item for item in results if item[0].startswith(tuple(args.lead))] or results, args.plots)
-    generated = render(results, plot_paths, sweeps, probes, overheads, latencies)
-    text = args.markdown.read_text() if args.markdown.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{args.markdown} lacks the {BEGIN} / {END} markers that delimit the generated part.")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    updated = f"{head}{BEGIN}\n{generated}\n{END}{tail}"
-    temporary = args.markdown.with_suffix(".tmp")
-    temporary.write_text(updated)
-    temporary.replace(args.markdown)
-    print(f"wrote {args.markdown} and {', '.join(plot_paths)}")
+    grouped["squad"].sort(key=lambda item: _squad_order(item, headline))
+    lead, rest = ({kind: [] for kind in grouped} for _ in range(2))
+    for kind, items in grouped.items():
+        for item in items:
+            (rest if _headline_rank(item[0], headline) is None else lead)[kind].append(item)
+    plot_paths = plot(lead["squad"] or grouped["squad"], args.plots)
+    write_generated(args.markdown, render(lead, plot_paths), "Benchmarks")
+    write_generated(args.experiments, render(rest, []), "Experiments")
+    print(f"wrote {args.markdown}, {args.experiments} and {', '.join(plot_paths)}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Would a summary of the skimmed tokens give back the F1 that surviving answers lose? An offline probe, batch 1.
 
-On SQuAD most of the F1 that skimming costs is lost on questions whose answer survived (BENCHMARKS.md, *Status*):
-the layers after a predictor, trained on whole windows, read a context whose skimmed part is simply gone, so every
-softmax spreads its mass over fewer keys. This probe asks whether one extra token per window repairs that: the mean
-hidden state of the tokens skimmed so far, which attends like any token and is attended to as the `n` tokens it
+On SQuAD most of the F1 that skimming costs is lost on questions whose answer survived (benchmarks/EXPERIMENTS.md,
+*Status*): the layers after a predictor, trained on whole windows, read a context whose skimmed part is simply gone, so
+every softmax spreads its mass over fewer keys. This probe asks whether one extra token per window repairs that: the
+mean hidden state of the tokens skimmed so far, which attends like any token and is attended to as the `n` tokens it
 stands for (its attention logit plus `log n`: the proportional attention of Token Merging, Bolya et al., ICLR 2023),
 never a span candidate. It costs one token per layer after the first skim.
 

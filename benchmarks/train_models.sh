@@ -36,20 +36,30 @@ common=(
 common+=(${COMMON_ARGS:-})
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$root"
-python "$here/examples/run_qa.py" "${common[@]}" --block_skim false --output_dir "$root/vanilla" \
-  > "$root/vanilla.log" 2>&1 &
-vanilla=$!
+# A run whose folder holds its train_results.json finished before and is not started again (an unfinished one
+# resumes from its last checkpoint), so the script can be rerun after an interruption; a run started alone then
+# no longer shares the CPU with the other, which its samples/s shows.
+finished() { [[ -f "$root/$1/train_results.json" ]] && echo "$1: finished before, not trained again"; }
+runs=()
+finished vanilla || {
+  python "$here/examples/run_qa.py" "${common[@]}" --block_skim false --output_dir "$root/vanilla" \
+    > "$root/vanilla.log" 2>&1 &
+  runs+=($!)
+}
 # shellcheck disable=SC2086  # BLOCKSKIM_ARGS is a list of arguments
-python "$here/examples/run_qa.py" "${common[@]}" --block_skim true --skim_predictor_learning_rate 1e-3 \
-  ${BLOCKSKIM_ARGS:-} --output_dir "$root/blockskim" > "$root/blockskim.log" 2>&1 &
-blockskim=$!
-wait $vanilla && wait $blockskim
-grep -h train_samples_per_second "$root"/vanilla.log "$root"/blockskim.log
+finished blockskim || {
+  python "$here/examples/run_qa.py" "${common[@]}" --block_skim true --skim_predictor_learning_rate 1e-3 \
+    ${BLOCKSKIM_ARGS:-} --output_dir "$root/blockskim" > "$root/blockskim.log" 2>&1 &
+  runs+=($!)
+}
+for run in "${runs[@]}"; do wait "$run"; done
+grep -h train_samples_per_second "$root"/vanilla/train_results.json "$root"/blockskim/train_results.json
 stage_epochs=${STAGE_EPOCHS:-3}
 [[ "$stage_epochs" == 0 ]] && exit 0
 # Later arguments override the common ones (argparse keeps the last).
 # shellcheck disable=SC2086  # STAGE_ARGS is a list of arguments
-OMP_NUM_THREADS=2 python "$here/examples/run_qa.py" "${common[@]}" --num_train_epochs "$stage_epochs" \
-  --model_name_or_path "$root/blockskim" --train_predictors_only true --skim_predictor_learning_rate 1e-3 \
-  ${STAGE_ARGS:-} --output_dir "$root/blockskim_predictors" > "$root/blockskim_predictors.log" 2>&1
-grep -h train_samples_per_second "$root"/blockskim_predictors.log
+finished blockskim_predictors || OMP_NUM_THREADS=2 python "$here/examples/run_qa.py" "${common[@]}" \
+  --num_train_epochs "$stage_epochs" --model_name_or_path "$root/blockskim" --train_predictors_only true \
+  --skim_predictor_learning_rate 1e-3 ${STAGE_ARGS:-} --output_dir "$root/blockskim_predictors" \
+  > "$root/blockskim_predictors.log" 2>&1
+grep -h train_samples_per_second "$root"/blockskim_predictors/train_results.json

@@ -299,6 +299,12 @@ def load_model(model_args: ModelArguments, skim_args: BlockSkimArguments):
             raise ValueError(f"{path} is a Block-Skim checkpoint; --block_skim false needs a plain backbone.")
         if not skim_args.new_skim_predictors:  # --skim_layers keeps a subset of the checkpoint's predictors
             subset = {} if skim_args.skim_layers is None else {"skim_layers": skim_args.skim_layers}
+            untrained = sorted(set(subset.get("skim_layers", [])) - set(config.skim_layers))
+            if untrained:  # from_pretrained would give those layers randomly initialised predictors
+                raise ValueError(
+                    f"--skim_layers {skim_args.skim_layers}: {path} has trained predictors only for layers "
+                    f"{config.skim_layers}, not {untrained}; add --new_skim_predictors true to train new ones."
+                )
             return BlockSkimForQuestionAnswering.from_pretrained(path, **subset, **hub_kwargs)
     if skim_args.block_skim:
         return BlockSkimForQuestionAnswering.from_backbone(

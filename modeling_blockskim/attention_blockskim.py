@@ -330,7 +330,7 @@ def block_context_features(
     4. `r` minus its maximum over the row's judged blocks.
 
     On SQuAD v1.1 dev after layer 1 of MiniLM this raises the answer-free blocks a linear classifier rejects at 97 %
-    answer-block recall from 22 % to 31 % (`benchmarks/predictor_probe.py`, BENCHMARKS.md).
+    answer-block recall from 22 % to 31 % (`benchmarks/predictor_probe.py`, benchmarks/EXPERIMENTS.md).
 
     Args:
         masses (`torch.Tensor` of shape `(batch, slots, 2 * heads)`): `block_question_attention`.

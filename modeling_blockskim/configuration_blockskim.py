@@ -31,9 +31,9 @@ def is_layer_index(key: object) -> bool:
 def layer_thresholds(skim_threshold: float | Mapping[int, float], skim_layers: list[int]) -> dict[int, float]:
     """tau of every predictor layer, from one tau for all of them or a mapping with one per layer.
 
-    One tau for all layers is the paper's rule. A mapping sets one per layer: a later predictor judges states that
-    have read more of the question, so it can afford a stricter tau than the first (BENCHMARKS.md, *Per-layer τ*).
-    A mapping must name exactly the predictor layers, so that a typo in a layer index cannot silently skim with a
+    One tau for all layers is the paper's rule. A mapping sets one per layer: a later predictor judges states that have
+    read more of the question, so it can afford a stricter tau than the first (benchmarks/EXPERIMENTS.md, *Per-layer
+    τ*). A mapping must name exactly the predictor layers, so that a typo in a layer index cannot silently skim with a
     default. Keys may be strings of ints, as a mapping comes back from a `config.json`.
 
     Raises:
@@ -117,7 +117,7 @@ class BlockSkimConfig(PretrainedConfig):
             Tokens per block. The skim predictor pools the bs x bs attention image twice by 2, so the block size must
             be a positive multiple of 4 (the paper finds 8 to 64 equally good, 128 worse). A kept block keeps all its
             tokens, so smaller blocks skim finer: with the block-question predictors on MiniLM/SQuAD, 16 saves more
-            FLOPs at the same F1 than 32 or 8 (BENCHMARKS.md, model (e)).
+            FLOPs at the same F1 than 32 or 8 (benchmarks/EXPERIMENTS.md, model (e)).
         skim_layers (`list[int]`, *optional*):
             0-based indices of the layers followed by a skim predictor. Defaults to every layer but the last (a
             decision after the last layer would save nothing, so the last layer is not allowed). An empty list gives
@@ -142,20 +142,20 @@ class BlockSkimConfig(PretrainedConfig):
             attention flows between the block and the question: per head, the mean mass the block's tokens put on
             the question tokens and the mass the question tokens put on the block (2 x heads numbers per block,
             O(length x question) to compute). Not in the paper: the diagonal square never sees the question, and on
-            small backbones it barely predicts where the answer is (see BENCHMARKS.md).
+            small backbones it barely predicts where the answer is (see benchmarks/EXPERIMENTS.md).
         predictor_diagonal_block (`bool`, *optional*, defaults to `True`):
             Whether the predictors read the block's own attention square with the paper's CNN. `False` (which needs
             `predictor_question_features=True`) makes each predictor a linear classifier of the normalised
             block-question masses alone: neither the squares nor the CNN are computed, which is most of a
             predictor layer's cost on small inputs. On MiniLM/SQuAD the CNN adds nothing to those masses (see
-            BENCHMARKS.md).
+            benchmarks/EXPERIMENTS.md).
         predictor_block_context (`bool`, *optional*, defaults to `False`):
             Give the predictors the block-question masses in context rather than raw (needs
             `predictor_question_features=True`): as log-ratios to uniform attention, so that they do not shrink as
             windows grow, together with those of the neighbouring blocks and the difference to the window's best
             block, since whether a block is the one the question asks about depends on the others (8 x heads numbers
             per block instead of 2 x heads, and about a dozen more small kernels per predictor call, which count at
-            batch 1 on CPU: BENCHMARKS.md, *Where the batch-1 time goes*). Not in the paper.
+            batch 1 on CPU: benchmarks/EXPERIMENTS.md, *Where the batch-1 time goes*). Not in the paper.
         predictor_token_matching (`bool`, *optional*, defaults to `False`):
             Also let the predictors compare the block's tokens with the question's, on the hidden states the
             predictor layer outputs (needs `predictor_question_features=True`, which tracks the question): per
@@ -164,7 +164,7 @@ class BlockSkimConfig(PretrainedConfig):
             the block; in context of the neighbouring and best blocks (`predictor_blockskim.TokenMatcher`). An
             attention mass says how much a block and the question attend to each other overall, not whether the
             block holds what the question names; after MiniLM's layer 1 the matching rejects more answer-free
-            blocks at the same answer-block recall (BENCHMARKS.md, *Predictor probes*). Costs two small
+            blocks at the same answer-block recall (benchmarks/EXPERIMENTS.md, *Predictor probes*). Costs two small
             projections of the layer's hidden states and one question-by-sequence product per predictor layer.
             Not in the paper.
         predictor_hidden_size (`int`, *optional*):

@@ -149,12 +149,19 @@ def test_squad_benchmark_writes_every_row_with_exact_flops_and_report_renders(ti
         assert "implementation_efficiency" not in rows["blockskim_no_skim"]
     assert result["environment"]["torch"] == torch.__version__
 
-    markdown = tmp_path / "BENCHMARKS.md"
+    markdown, experiments = tmp_path / "BENCHMARKS.md", tmp_path / "EXPERIMENTS.md"
     markdown.write_text("# Benchmarks\n\nprose kept\n\n<!-- results:begin -->\nold\n<!-- results:end -->\n\nend\n")
+    # A second results file that is not a headline one goes to the experiments file, which is created.
+    (output.parent / "study_tiny.json").write_text(output.read_text())
     report = [sys.executable, str(ROOT / "benchmarks" / "report.py"), "--results", str(output.parent)]
-    subprocess.run([*report, "--markdown", str(markdown), "--plots", str(tmp_path / "plots")], check=True, cwd=ROOT)
+    report += ["--headline", "squad_", "--experiments", str(experiments), "--plots", str(tmp_path / "plots")]
+    subprocess.run([*report, "--markdown", str(markdown)], check=True, cwd=ROOT)
     text = markdown.read_text()
     assert text.startswith("# Benchmarks\n\nprose kept") and text.endswith("end\n") and "\nold\n" not in text
+    assert "Source: `benchmarks/results/squad_tiny.json`" in text and "study_tiny" not in text
+    notebook = experiments.read_text()
+    assert notebook.startswith("# Experiments\n") and "Source: `benchmarks/results/study_tiny.json`" in notebook
+    assert "Source: `benchmarks/results/squad_tiny.json`" not in notebook and "![" not in notebook  # plots: headline
     f1 = result["rows"]["blockskim_tau=0.5"]["f1"]
     assert f"| Block-Skim, τ = 0.5 | {result['rows']['blockskim_tau=0.5']['exact_match']:.2f} | {f1:.2f} |" in text
     # The heading names the layers skimming ran after, which tell runs of one checkpoint apart.
@@ -673,3 +680,21 @@ def test_graft_script_writes_a_checkpoint_that_loads_with_the_tokenizer(tiny_mod
     assert torch.equal(loaded.skim_predictors["0"].classifier.weight, donor.skim_predictors["0"].classifier.weight)
     assert AutoTokenizer.from_pretrained(tmp_path / "out").vocab_size == tokenizer.vocab_size
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "donor", "out"]  # no staging folder left
+
+
+def test_training_script_does_not_train_again_a_run_that_finished(tmp_path):
+    """`train_models.sh` (and `reproduce.sh`, which calls it) can be rerun after an interruption: a run whose folder
+    holds its `train_results.json` is not started again, so its recorded throughput is not overwritten by a resumed
+    fraction of the run."""
+    for name, speed in (("vanilla", 3.72), ("blockskim", 2.41)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_results.json").write_text(json.dumps({"train_samples_per_second": speed}))
+    script = ROOT / "benchmarks" / "train_models.sh"
+    environment = {"STAGE_EPOCHS": "0", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    done = subprocess.run(
+        ["bash", str(script), str(ROOT / "missing-train-file.json"), str(tmp_path), "10"],
+        env=environment, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert "vanilla: finished before, not trained again" in done.stdout
+    assert "blockskim: finished before, not trained again" in done.stdout
+    assert '"train_samples_per_second": 3.72' in done.stdout and not (tmp_path / "vanilla.log").exists()

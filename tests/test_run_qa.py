@@ -286,6 +286,24 @@ def test_skim_threshold_flag_takes_one_tau_per_predictor_layer_lowest_first(monk
     assert run_qa.resolve_skim_threshold("0.3", vanilla) is None
 
 
+def test_skim_layers_beyond_a_checkpoints_trained_predictors_are_refused(tmp_path):
+    """`--skim_layers` with a Block-Skim checkpoint keeps a subset of its predictors; a layer it has none for would
+    otherwise get a randomly initialised one, which skims at random."""
+    from modeling_blockskim import BlockSkimConfig
+
+    run_qa = _load_run_qa()
+    BlockSkimConfig(encoder={"model_type": "bert"}, skim_layers=[0, 1]).save_pretrained(tmp_path)
+    model_args = SimpleNamespace(
+        model_name_or_path=str(tmp_path), cache_dir=None, model_revision="main", token=None,
+        attn_implementation=None, trust_remote_code=False,
+    )  # fmt: skip
+    skim_args = SimpleNamespace(block_skim=True, new_skim_predictors=False, skim_layers=[1, 2])
+    with pytest.raises(
+        ValueError, match=r"--skim_layers \[1, 2\]: .* only for layers \[0, 1\], not \[2\]; add --new_sk"
+    ):
+        run_qa.load_model(model_args, skim_args)
+
+
 def test_skipped_train_samples_give_a_subset_disjoint_from_the_first_one():
     """A predictor-only stage on questions the backbone never saw: the same shuffle, the slice after the first N."""
     import datasets
