@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CPU headline figure of BENCHMARKS.md from scratch, in one command: the models, the benchmarks, the report.
+# The CPU headline results of BENCHMARKS.md from scratch, in one command: the models, the benchmarks, the report.
 #
 #   benchmarks/reproduce.sh TRAIN_FILE DEV_FILE MODELS_ROOT
 #
