@@ -29,15 +29,6 @@ HEADLINE_RESULTS = (
 (the recommended setting) on every data set, model (b) (joint training as in the paper), the recommended setting's
 batch-1 profile, and the oracle-pattern tables of the GPU target. Their SQuAD results are plotted."""
 
-TARGETS = {
-    "flops_vs_dynamic": 1.6,
-    "flops_vs_padded": 3.8,
-    "wall_batch_1": 1.3,
-    "wall_batch_16": 1.55,
-    "efficiency": 0.9,
-    "long_flops": 2.5,
-}
-
 
 def _title(result: dict[str, Any]) -> str:
     setup = result["setup"]

@@ -48,7 +48,11 @@ from modeling_blockskim.benchmarking import (
     median,
     time_side_by_side,
 )
-from modeling_blockskim.configuration_blockskim import parse_thresholds, thresholds_for_layers
+from modeling_blockskim.configuration_blockskim import (
+    parse_thresholds,
+    thresholds_for_layers,
+    trained_predictor_subset,
+)
 from modeling_blockskim.data import load_qa_dataset, postprocess_qa_predictions, prepare_eval_features
 from modeling_blockskim.flops import count_flops, forward_flops, ideal_speedup
 from modeling_blockskim.metrics import load_squad_metric
@@ -419,11 +423,7 @@ def load_blockskim(path: str, skim_layers: Sequence[int] | None = None, **kwargs
     entries of the layers used (`BlockSkimForQuestionAnswering`).
     """
     trained = BlockSkimConfig.from_pretrained(path).skim_layers
-    layers = trained if skim_layers is None else sorted(set(skim_layers))
-    if not set(layers) <= set(trained):
-        raise ValueError(
-            f"predictor layers {list(skim_layers)}: {path} has trained predictors only for layers {trained}."
-        )
+    layers = trained_predictor_subset(skim_layers, trained, f"predictor layers {skim_layers}: {path}")
     return BlockSkimForQuestionAnswering.from_pretrained(path, skim_layers=layers, **kwargs)
 
 

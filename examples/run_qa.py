@@ -40,7 +40,11 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_blockskim import BlockSkimForQuestionAnswering
-from modeling_blockskim.configuration_blockskim import parse_thresholds, thresholds_for_layers
+from modeling_blockskim.configuration_blockskim import (
+    parse_thresholds,
+    thresholds_for_layers,
+    trained_predictor_subset,
+)
 from modeling_blockskim.data import (
     load_qa_dataset_dict,
     postprocess_qa_predictions,
@@ -298,14 +302,10 @@ def load_model(model_args: ModelArguments, skim_args: BlockSkimArguments):
         if not skim_args.block_skim:
             raise ValueError(f"{path} is a Block-Skim checkpoint; --block_skim false needs a plain backbone.")
         if not skim_args.new_skim_predictors:  # --skim_layers keeps a subset of the checkpoint's predictors
-            subset = {} if skim_args.skim_layers is None else {"skim_layers": skim_args.skim_layers}
-            untrained = sorted(set(subset.get("skim_layers", [])) - set(config.skim_layers))
-            if untrained:  # from_pretrained would give those layers randomly initialised predictors
-                raise ValueError(
-                    f"--skim_layers {skim_args.skim_layers}: {path} has trained predictors only for layers "
-                    f"{config.skim_layers}, not {untrained}; add --new_skim_predictors true to train new ones."
-                )
-            return BlockSkimForQuestionAnswering.from_pretrained(path, **subset, **hub_kwargs)
+            source = f"--skim_layers {skim_args.skim_layers}: {path}"
+            advice = "; add --new_skim_predictors true to train new ones"
+            layers = trained_predictor_subset(skim_args.skim_layers, config.skim_layers, source, advice)
+            return BlockSkimForQuestionAnswering.from_pretrained(path, skim_layers=layers, **hub_kwargs)
     if skim_args.block_skim:
         return BlockSkimForQuestionAnswering.from_backbone(
             path,

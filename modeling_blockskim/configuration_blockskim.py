@@ -86,6 +86,27 @@ def thresholds_for_layers(tau: float | Sequence[float], skim_layers: list[int]) 
     return dict(zip(layers, (float(value) for value in tau), strict=True))
 
 
+def trained_predictor_subset(
+    skim_layers: Sequence[int] | None, trained: Sequence[int], source: str, advice: str = ""
+) -> list[int]:
+    """The predictor layers to keep when a checkpoint with predictors after `trained` is loaded with `skim_layers`
+    (`None`: all of them), sorted.
+
+    `from_pretrained(path, skim_layers=...)` gives a layer the checkpoint has no predictor for a new, randomly
+    initialised one (reported as missing): what a new predictor-only stage may want, never what inference or a stage
+    that keeps the trained predictors wants. Those callers ask here first.
+
+    Raises:
+        `ValueError`: `"{source} has trained predictors only for layers [...], not [...]{advice}."`, when a layer of
+            `skim_layers` has no trained predictor.
+    """
+    layers = list(trained) if skim_layers is None else sorted(set(skim_layers))
+    untrained = sorted(set(layers) - set(trained))
+    if untrained:
+        raise ValueError(f"{source} has trained predictors only for layers {list(trained)}, not {untrained}{advice}.")
+    return layers
+
+
 def _checked_tau(name: str, tau: object) -> float:
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
         raise ValueError(f"{name} must be a float in [0.0, 1.0] or a mapping from layer to tau, got {tau!r}.")
