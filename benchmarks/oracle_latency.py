@@ -17,6 +17,12 @@ device (host synchronisations): where a forward is bound by dispatch rather than
 fast GPU), these counts, not the FLOPs, set its time.
 
 Implementation efficiency = T(ideal_truncation) / T(Block-Skim); latency speedup = T(vanilla) / T(Block-Skim).
+
+`--compile MODE` runs every variant, the stock model and the ideal truncation too, through `torch.compile(mode=MODE)`
+(`reduce-overhead` replays CUDA graphs), so the comparison stays like for like: what compilation does to a forward
+that eager PyTorch leaves bound by dispatch. Block-Skim's compiled forward breaks its graph at each host
+synchronisation (the lengths it must read) and runs the pieces between compiled. Each row records how far every
+compiled output lies from the eager one; operators and synchronisations are not counted for compiled runs.
 Batch 1 times `--batch1-windows` windows one at a time (sum of per-window medians); larger batches time the first
 `batch` windows together.
 
@@ -78,6 +84,9 @@ PREDICTORS: dict[str, dict[str, bool]] = {
     },
 }
 
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+"""`--compile` choices: `none` runs eagerly, the others are `torch.compile` modes."""
 
 WINDOW_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions")
 
@@ -157,6 +166,28 @@ def oracle_pattern(model: BlockSkimForQuestionAnswering, rows: Sequence[dict], s
     return {first: oracle, **{layer: torch.ones_like(oracle) for layer in later}}
 
 
+def _logits(output: Any) -> torch.Tensor:
+    """(batch, length, 2) span logits of any variant's output: a model output or the ideal truncation's tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return torch.stack((output.start_logits, output.end_logits), dim=-1)
+
+
+def compile_variants(
+    variants: dict[str, Callable[[], object]], mode: str
+) -> tuple[dict[str, Callable[[], object]], dict[str, float]]:
+    """Every variant through `torch.compile(mode=mode)`, and the largest absolute difference of each compiled output
+    from the eager one (the first call compiles, so it also moves compilation out of the timed runs)."""
+    # Each batch-1 window, and Block-Skim after each compaction, has its own lengths: room for their recompilations.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    compiled = {name: torch.compile(function, mode=mode) for name, function in variants.items()}
+    differences = {}
+    for name, function in compiled.items():
+        got = _logits(function()).float().clone()  # a CUDA graph's output is overwritten by its next replay
+        differences[name] = (got - _logits(variants[name]()).float()).abs().max().item()
+    return compiled, differences
+
+
 def time_batch(models: dict, rows: Sequence[dict], pad_id: int, sep_token_id: int, device, args) -> dict[str, Any]:
     """Median seconds of every variant on one batch, the per-layer kept lengths and the analytic FLOPs."""
     batch = {k: v.to(device) for k, v in collate(rows, range(len(rows)), pad_id).items()}
@@ -181,15 +212,22 @@ def time_batch(models: dict, rows: Sequence[dict], pad_id: int, sep_token_id: in
         cut = kept["blockskim_first_layer"]
         variants["ideal_truncation"] = ideal_truncation(vanilla, batch, cut.to(device))
         flops["ideal_truncation"] = sum(forward_flops(config, counts, predictors=False) for counts in cut.tolist())
+        operators: dict[str, int] = {}
+        syncs: dict[str, int] = {}
+        differences: dict[str, float] = {}
+        if args.compile == "none":
+            operators = {name: count_operators(function) for name, function in variants.items()}
+            syncs = {name: count_host_syncs(function) for name, function in variants.items()}
+        else:
+            variants, differences = compile_variants(variants, args.compile)
         times = time_side_by_side(variants, repeats=args.repeats, warmup=args.warmup, device=device)
-        operators = {name: count_operators(function) for name, function in variants.items()}
-        syncs = {name: count_host_syncs(function) for name, function in variants.items()}
     return {
         "seconds": {name: median(values) for name, values in times.items()},
         "operators": operators,
         "host_syncs": syncs,
         "kept_tokens_per_layer_mean": cut.float().mean(dim=0).tolist(),
         "flops": flops,
+        "compiled_max_abs_difference": differences,
     }
 
 
@@ -206,6 +244,8 @@ def summarise(total: dict[str, Any]) -> dict[str, Any]:
     summary["aten_operators_per_forward"] = total["operators"]
     summary["host_syncs_per_forward"] = total["host_syncs"]
     summary["kept_tokens_per_layer_mean"] = total["kept_tokens_per_layer_mean"]
+    if total["compiled_max_abs_difference"]:
+        summary["compiled_max_abs_difference"] = total["compiled_max_abs_difference"]
     return summary
 
 
@@ -229,6 +269,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-questions", type=int, default=3000, help="seeded subset of questions to window")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--compile",
+        default="none",
+        choices=COMPILE_MODES,
+        help="torch.compile mode for every variant (default: eager)",
+    )
     add_device_arguments(parser, dtype="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, required=True, help="results JSON")
@@ -262,6 +308,10 @@ def main() -> None:
                             name: sum(m[count][name] for m in measured) / len(measured) for name in measured[0][count]
                         }
                         for count in ("operators", "host_syncs")
+                    },
+                    "compiled_max_abs_difference": {
+                        name: max(m["compiled_max_abs_difference"][name] for m in measured)
+                        for name in measured[0]["compiled_max_abs_difference"]
                     },
                     "kept_tokens_per_layer_mean": [
                         sum(values) / len(measured)
@@ -299,6 +349,7 @@ def main() -> None:
                 "batch1_windows": args.batch1_windows,
                 "repeats": args.repeats,
                 "warmup": args.warmup,
+                "compile": args.compile,
                 "seed": args.seed,
             },
             "environment": environment(device),

@@ -413,7 +413,12 @@ def oracle_latency_section(stem: str, table: dict[str, Any]) -> str:
     shapes = " and ".join(dict.fromkeys(row["shape"] for row in table["rows"]))
     lines = [
         f"### Oracle keep pattern on {shapes} shapes: {device}, {setup['dtype']}, random weights, "
-        f"{setup.get('predictor', 'paper')} predictors, blocks of {setup['block_size']}",
+        f"{setup.get('predictor', 'paper')} predictors, blocks of {setup['block_size']}"
+        + (
+            ""
+            if setup.get("compile", "none") == "none"
+            else f', every variant `torch.compile(mode="{setup["compile"]}")`'
+        ),
         f"Source: `benchmarks/results/{stem}.json`, command `{environment['command']}` (revision "
         f"`{environment['git_revision']}`, torch {environment['torch']}). {setup['variant']}; {setup['pattern']}; "
         f"ms per forward; batch 1 = the mean over {setup['batch1_windows']} windows run one by one, larger batches "

@@ -520,7 +520,9 @@ def test_oracle_latency_keeps_exactly_the_oracle_blocks_and_counts_their_flops(t
     assert all(row["start_positions"] > 0 for row in rows)
     models = oracle_latency.make_models("tiny", len(tokenizer), sep, 32, torch.float32, "cpu", 0, predictor)
     assert (models["blockskim_first_layer"].skim_predictors["0"].features is None) == (predictor != "paper")
-    measured = oracle_latency.time_batch(models, rows, pad, sep, "cpu", argparse.Namespace(repeats=1, warmup=0))
+    measured = oracle_latency.time_batch(
+        models, rows, pad, sep, "cpu", argparse.Namespace(repeats=1, warmup=0, compile="none")
+    )
 
     # Full windows of whole blocks: the oracle keeps 32 tokens per oracle block from the second layer on.
     oracle = [int(squad.oracle_keep_blocks(*span, sep, 32).sum()) * 32 for span in _spans(rows)]
@@ -584,6 +586,28 @@ def test_oracle_latency_runs_from_saved_windows_and_report_renders(tmp_path):
     section = _load_script("report").oracle_latency_section("second", replayed)
     assert section.count("\n| tiny | 128 |") == 2
     assert f"{row['latency_ms']['vanilla']:.2f} | " in section  # batch 2: one forward, so ms per forward as timed
+
+
+@pytest.mark.slow  # inductor compiles C++ for every variant: about a minute on 2 cores
+def test_oracle_latency_compiled_variants_give_the_eager_logits(tmp_path):
+    result = _run_benchmark(
+        "oracle_latency",
+        "--dev-file",
+        str(SAMPLE_DEV),
+        *("--shapes", "tiny", "--seq-lens", "128", "--doc-stride", "64", "--batch-sizes", "2"),
+        *("--repeats", "1", "--warmup", "1", "--dtype", "float32", "--device", "cpu", "--compile", "default"),
+        "--output",
+        str(tmp_path / "compiled.json"),
+    )
+    assert result["setup"]["compile"] == "default"
+    (row,) = result["rows"]
+    differences = row["compiled_max_abs_difference"]
+    assert set(differences) == {"vanilla", "ideal_truncation", "blockskim_first_layer", "blockskim_all_layers"}
+    assert max(differences.values()) < 1e-4
+    assert row["aten_operators_per_forward"] == {}  # not counted for compiled runs
+    assert 'every variant `torch.compile(mode="default")`' in _load_script("report").oracle_latency_section(
+        "compiled", result
+    )
 
 
 def _spans(rows):
