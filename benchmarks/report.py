@@ -465,6 +465,34 @@ def oracle_latency_section(stem: str, table: dict[str, Any]) -> str:
     return "\n\n".join(lines)
 
 
+def paired_bootstrap_section(stem: str, result: dict[str, Any]) -> str:
+    """`benchmarks/paired_bootstrap.py`: each Block-Skim row's EM/F1 difference from vanilla, with its interval."""
+    setup, env = result["setup"], result["environment"]
+    layers = ", ".join(map(str, setup["skim_layers"]))
+    subset = "random subset of " if setup.get("max_questions") else ""
+    lines = [
+        f"### How sure the differences are: {_data_label(result)}, {subset}{setup['questions']} questions; "
+        f"`{setup['blockskim']}` skimming after layer {layers}, against `{setup['vanilla']}`",
+        f"Source: `benchmarks/results/{stem}.json`, command `{env['command']}` (revision `{env['git_revision']}`, "
+        f"{setup['dtype']}). Δ = Block-Skim − vanilla on the same questions, with the 95% interval of a paired "
+        f"bootstrap over the questions ({setup['resamples']} resamples); up / down = questions whose F1 rose / fell.",
+    ]
+    rows = ["| model | EM | F1 | Δ EM [95% interval] | Δ F1 [95% interval] | F1 up / down |", "|" + "---|" * 6]
+    for name, row in result["rows"].items():
+        cells = [_label(name), f"{row['exact_match']:.2f}", f"{row['f1']:.2f}"]
+        versus = row.get("vs_vanilla")
+        if versus is None:
+            cells += ["", "", ""]
+        else:
+            for metric in ("exact_match", "f1"):
+                low, high = versus[f"{metric}_ci95"]
+                cells.append(f"{versus[f'{metric}_difference']:+.2f} [{low:+.2f}, {high:+.2f}]")
+            cells.append(f"{versus['questions_f1_up']} / {versus['questions_f1_down']}")
+        rows.append("| " + " | ".join(cells) + " |")
+    lines.append("\n".join(rows))
+    return "\n\n".join(lines)
+
+
 def resumed_runs(training: dict[str, Any]) -> list[str]:
     """The training runs whose `train_results.json` covers only part of their schedule.
 
@@ -538,6 +566,7 @@ def render(grouped: dict[str, list[tuple[str, dict[str, Any]]]], plot_paths: lis
         if training:
             parts.append(training_cost_line(training))
         sections.append("\n\n".join(parts))
+    sections += [paired_bootstrap_section(stem, result) for stem, result in grouped["paired_bootstrap"]]
     sections += [layer_sweep_section(stem, sweep) for stem, sweep in grouped["predictor_layers"]]
     sections += [probe_section(stem, probe) for stem, probe in grouped["predictor_probe"]]
     sections += [overhead_section(stem, profile) for stem, profile in grouped["overhead_profile"]]
@@ -546,7 +575,14 @@ def render(grouped: dict[str, list[tuple[str, dict[str, Any]]]], plot_paths: lis
     return "\n\n".join(sections)
 
 
-BENCHMARK_KINDS = ("squad", "predictor_layers", "predictor_probe", "overhead_profile", "oracle_latency")
+BENCHMARK_KINDS = (
+    "squad",
+    "paired_bootstrap",
+    "predictor_layers",
+    "predictor_probe",
+    "overhead_profile",
+    "oracle_latency",
+)
 """The `benchmark` field of the results files `render` knows, in the order it writes their sections."""
 
 

