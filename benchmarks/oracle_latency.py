@@ -18,13 +18,14 @@ fast GPU), these counts, not the FLOPs, set its time.
 
 Implementation efficiency = T(ideal_truncation) / T(Block-Skim); latency speedup = T(vanilla) / T(Block-Skim).
 
+Batch 1 times `--batch1-windows` windows one at a time (sum of per-window medians); larger batches time the first
+`batch` windows together.
+
 `--compile MODE` runs every variant, the stock model and the ideal truncation too, through `torch.compile(mode=MODE)`
 (`reduce-overhead` replays CUDA graphs), so the comparison stays like for like: what compilation does to a forward
 that eager PyTorch leaves bound by dispatch. Block-Skim's compiled forward breaks its graph at each host
 synchronisation (the lengths it must read) and runs the pieces between compiled. Each row records how far every
 compiled output lies from the eager one; operators and synchronisations are not counted for compiled runs.
-Batch 1 times `--batch1-windows` windows one at a time (sum of per-window medians); larger batches time the first
-`batch` windows together.
 
 Example (what BENCHMARKS.md reports):
 
