@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 from squad import (
-    THRESHOLDS_HELP,
+    add_model_and_data_arguments,
     layer_thresholds,
     load_dev_features,
     load_models,
-    parse_threshold,
+    row_calls,
     run_pass,
     tau_label,
 )
@@ -35,22 +35,14 @@ from transformers import AutoTokenizer
 
 from modeling_blockskim.benchmarking import add_device_arguments, atomic_write_json, environment
 from modeling_blockskim.data import postprocess_qa_predictions
-from modeling_blockskim.metrics.squad_blockskim.squad_blockskim import exact_match_score, f1_score
+from modeling_blockskim.metrics.squad_blockskim.squad_blockskim import pair_by_id, squad_v1_question_scores
 
 
 def question_scores(predictions: list[dict], references: list[dict]) -> dict[str, torch.Tensor]:
-    """Per question (in the references' order), EM and F1 in percent against the best gold answer, as the official
-    SQuAD v1.1 script scores each question before averaging."""
-    predicted = {row["id"]: row["prediction_text"] for row in predictions}
-    exact, f1 = [], []
-    for reference in references:
-        text, gold = predicted[reference["id"]], reference["answers"]["text"]
-        exact.append(max(exact_match_score(text, answer) for answer in gold))
-        f1.append(max(f1_score(text, answer) for answer in gold))
-    return {
-        "exact_match": 100.0 * torch.tensor(exact, dtype=torch.float64),
-        "f1": 100.0 * torch.tensor(f1, dtype=torch.float64),
-    }
+    """Per question (in the predictions' order, which is the examples'), EM and F1 in percent, scored as the
+    official SQuAD v1.1 metric scores each question before averaging."""
+    scores = torch.tensor(squad_v1_question_scores(pair_by_id(predictions, references)), dtype=torch.float64)
+    return {"exact_match": 100.0 * scores[:, 0], "f1": 100.0 * scores[:, 1]}
 
 
 def paired_bootstrap(
@@ -62,11 +54,12 @@ def paired_bootstrap(
     questions, easy ones) cancels, and the interval is that of the difference itself.
     """
     generator = torch.Generator().manual_seed(seed)
+    differences = differences.double()
     n = differences.numel()
     means = []
     for start in range(0, resamples, chunk):
         picks = torch.randint(n, (min(chunk, resamples - start), n), generator=generator)
-        means.append(differences.double()[picks].mean(dim=1))
+        means.append(differences[picks].mean(dim=1))
     low, high = torch.quantile(torch.cat(means), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return low, high
 
@@ -75,10 +68,10 @@ def compare(scores: dict[str, torch.Tensor], baseline: dict[str, torch.Tensor], 
     """Mean difference from `baseline` with its paired 95% interval, for EM and F1, and the questions that moved."""
     result: dict[str, Any] = {}
     for metric in ("exact_match", "f1"):
-        differences = scores[metric].double() - baseline[metric].double()
+        differences = scores[metric] - baseline[metric]
         result[f"{metric}_difference"] = differences.mean().item()
         result[f"{metric}_ci95"] = list(paired_bootstrap(differences, resamples, seed))
-    f1_moves = scores["f1"].double() - baseline["f1"].double()
+    f1_moves = scores["f1"] - baseline["f1"]
     result["questions_f1_up"] = int((f1_moves > 0).sum())
     result["questions_f1_down"] = int((f1_moves < 0).sum())
     return result
@@ -86,17 +79,7 @@ def compare(scores: dict[str, torch.Tensor], baseline: dict[str, torch.Tensor], 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vanilla", required=True, help="vanilla QA checkpoint (run_qa.py --block_skim false)")
-    parser.add_argument("--blockskim", required=True, help="Block-Skim checkpoint (run_qa.py --block_skim true)")
-    parser.add_argument("--dev-file", required=True, help="SQuAD v1.1 dev JSON (plain or .gz)")
-    parser.add_argument("--skim-layers", type=int, nargs="+", default=None, help="as for squad.py")
-    parser.add_argument("--variant", choices=["squad", "squad-long"], default="squad")
-    parser.add_argument("--paragraphs", type=int, default=4, help="paragraphs joined per context for squad-long")
-    parser.add_argument("--max-seq-length", type=int, default=384)
-    parser.add_argument("--doc-stride", type=int, default=128)
-    parser.add_argument("--max-questions", type=int, default=None, help="seeded random subset (as squad.py's)")
-    parser.add_argument("--thresholds", type=parse_threshold, nargs="+", default=[0.5], help=THRESHOLDS_HELP)
-    parser.add_argument("--eval-batch-size", type=int, default=32)
+    add_model_and_data_arguments(parser, thresholds=[0.5])
     parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
     add_device_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="question subset and bootstrap seed")
@@ -110,20 +93,10 @@ def main() -> None:
     vanilla, blockskim = load_models(args, device)
     tokenizer = AutoTokenizer.from_pretrained(args.blockskim)
     examples, features, _ = load_dev_features(args, tokenizer)
-    calls = {
-        "vanilla": (vanilla, {}),
-        "blockskim_no_skim": (blockskim, {"skim": False}),
-        **{
-            f"blockskim_tau={tau_label(tau)}": (
-                blockskim,
-                {"skim": True, "skim_threshold": layer_thresholds(blockskim.config.skim_layers, tau)},
-            )
-            for tau in args.thresholds
-        },
-    }
+    thresholds = {tau_label(tau): layer_thresholds(blockskim.config.skim_layers, tau) for tau in args.thresholds}
     rows: dict[str, dict[str, Any]] = {}
     scores: dict[str, dict[str, torch.Tensor]] = {}
-    for name, (model, call_kwargs) in calls.items():
+    for name, (model, call_kwargs) in row_calls(vanilla, blockskim, thresholds).items():
         result = run_pass(model, features, args.eval_batch_size, tokenizer.pad_token_id, device, call_kwargs, name)
         predictions, references = postprocess_qa_predictions(
             examples, features, result.start_logits, result.end_logits

@@ -365,8 +365,9 @@ def layer_thresholds(layers: list[int], tau: float | tuple[float, ...]) -> float
         raise SystemExit(f"--thresholds {error}") from None
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_and_data_arguments(parser: argparse.ArgumentParser, thresholds: Sequence[float]) -> None:
+    """The two models, the dev questions and their windows, the τ rows and the evaluation batch: the same in every
+    script that scores the rows of this one (`paired_bootstrap.py`), so that one command line selects the same work."""
     parser.add_argument("--vanilla", required=True, help="vanilla QA checkpoint (run_qa.py --block_skim false)")
     parser.add_argument("--blockskim", required=True, help="Block-Skim checkpoint (run_qa.py --block_skim true)")
     parser.add_argument("--dev-file", required=True, help="SQuAD v1.1 dev JSON (plain or .gz)")
@@ -377,6 +378,35 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="predictor layers to use at inference, a subset of the checkpoint's (default: all it was trained with)",
     )
+    parser.add_argument("--variant", choices=["squad", "squad-long"], default="squad")
+    parser.add_argument("--paragraphs", type=int, default=4, help="paragraphs joined per context for squad-long")
+    parser.add_argument("--max-seq-length", type=int, default=384)
+    parser.add_argument("--doc-stride", type=int, default=128)
+    parser.add_argument("--max-questions", type=int, default=None, help="seeded random subset of the questions")
+    parser.add_argument(
+        "--thresholds", type=parse_threshold, nargs="+", default=list(thresholds), help=THRESHOLDS_HELP
+    )
+    parser.add_argument("--eval-batch-size", type=int, default=32)
+
+
+def row_calls(
+    vanilla: torch.nn.Module, blockskim: BlockSkimForQuestionAnswering, thresholds: Mapping[str, float | dict]
+) -> dict[str, tuple[torch.nn.Module, dict[str, Any]]]:
+    """Every row of the accuracy table, as (model, call arguments): vanilla, Block-Skim without skimming, and
+    Block-Skim at each of `thresholds` (label -> `skim_threshold`)."""
+    return {
+        "vanilla": (vanilla, {}),
+        "blockskim_no_skim": (blockskim, {"skim": False}),
+        **{
+            f"blockskim_tau={label}": (blockskim, {"skim": True, "skim_threshold": tau})
+            for label, tau in thresholds.items()
+        },
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_and_data_arguments(parser, DEFAULT_THRESHOLDS)
     parser.add_argument(
         "--joint-training",
         default=None,
@@ -392,15 +422,6 @@ def parse_args() -> argparse.Namespace:
         "--train_with_skimming after --train_predictors_only): the earlier stages' runs, in order; their time is "
         "part of the training cost",
     )
-    parser.add_argument("--variant", choices=["squad", "squad-long"], default="squad")
-    parser.add_argument("--paragraphs", type=int, default=4, help="paragraphs joined per context for squad-long")
-    parser.add_argument("--max-seq-length", type=int, default=384)
-    parser.add_argument("--doc-stride", type=int, default=128)
-    parser.add_argument("--max-questions", type=int, default=None, help="seeded random subset of the questions")
-    parser.add_argument(
-        "--thresholds", type=parse_threshold, nargs="+", default=list(DEFAULT_THRESHOLDS), help=THRESHOLDS_HELP
-    )
-    parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--timing-features", type=int, default=128, help="windows timed (seeded random sample)")
     parser.add_argument("--timing-batch-sizes", type=int, nargs="+", default=None, help="default: 1 16 (CPU), 1 32")
     parser.add_argument("--repeats", type=int, default=3)
@@ -489,17 +510,9 @@ def main() -> None:
 
     # --- accuracy and per-feature lengths of every row -----------------------------------------------------------
     metric = load_squad_metric()
-    row_calls: dict[str, tuple[torch.nn.Module, dict]] = {
-        "vanilla": (vanilla, {}),
-        "blockskim_no_skim": (blockskim, {"skim": False}),
-        **{
-            f"blockskim_tau={label}": (blockskim, {"skim": True, "skim_threshold": tau})
-            for label, tau in thresholds.items()
-        },
-    }
     passes: dict[str, Pass] = {}
     rows: dict[str, dict[str, Any]] = {}
-    for name, (model, call_kwargs) in row_calls.items():
+    for name, (model, call_kwargs) in row_calls(vanilla, blockskim, thresholds).items():
         result = run_pass(model, features, args.eval_batch_size, tokenizer.pad_token_id, device, call_kwargs, name)
         passes[name] = result
         rows[name] = score(examples, features, result, metric)

@@ -181,13 +181,14 @@ def pair_by_id(predictions: list[dict], references: list[dict]) -> list[tuple[di
     return [(prediction, references_by_id[question_id]) for question_id, prediction in predictions_by_id.items()]
 
 
-def squad_v1_scores(pairs: list[tuple[dict, dict]]) -> dict[str, float]:
-    """SQuAD v1.1 (and MRQA) corpus scores: mean over questions of the best EM and F1 against any gold answer.
+def squad_v1_question_scores(pairs: list[tuple[dict, dict]]) -> list[tuple[float, float]]:
+    """Per question, the best EM and F1 (0 to 1) against any of its gold answers, as the official v1.1 script
+    scores each question before averaging; per-question scores are what a paired significance test needs.
 
     Raises:
         `ValueError`: a reference has no gold answer (unanswerable questions need the "squad_v2" config).
     """
-    exact_match, f1 = 0.0, 0.0
+    scores = []
     for prediction, reference in pairs:
         gold_answers = reference["answers"]["text"]
         if not gold_answers:
@@ -196,8 +197,24 @@ def squad_v1_scores(pairs: list[tuple[dict, dict]]) -> dict[str, float]:
                 "the metric with config 'squad_v2' to score unanswerable questions."
             )
         predicted = prediction["prediction_text"]
-        exact_match += max(exact_match_score(predicted, gold) for gold in gold_answers)
-        f1 += max(f1_score(predicted, gold) for gold in gold_answers)
+        scores.append(
+            (
+                max(exact_match_score(predicted, gold) for gold in gold_answers),
+                max(f1_score(predicted, gold) for gold in gold_answers),
+            )
+        )
+    return scores
+
+
+def squad_v1_scores(pairs: list[tuple[dict, dict]]) -> dict[str, float]:
+    """SQuAD v1.1 (and MRQA) corpus scores: mean over questions of the best EM and F1 against any gold answer.
+
+    Raises:
+        `ValueError`: a reference has no gold answer (unanswerable questions need the "squad_v2" config).
+    """
+    scores = squad_v1_question_scores(pairs)
+    exact_match = sum(exact for exact, _ in scores)
+    f1 = sum(score for _, score in scores)
     return {"exact_match": 100.0 * exact_match / len(pairs), "f1": 100.0 * f1 / len(pairs)}
 
 
